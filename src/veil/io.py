@@ -1,0 +1,137 @@
+"""Safe, atomic file I/O: JSON, CSV, safetensors weights, and the client-side obfuscator bundle."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write a list of dicts as CSV (columns from the union of keys, in first-seen order)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(path, buf.getvalue().encode())
+
+
+def save_weights(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save a flat dict of tensors as safetensors, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_bytes(path, st_save(tensors, metadata=metadata))
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a clear error if it is missing or corrupt (never unpickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found")
+    try:
+        return st_load(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as err:
+        raise ValueError(f"{path}: corrupt or not a safetensors file ({err})") from err
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Write arrays to ``.npz`` atomically (no object arrays, so it loads with ``allow_pickle=False``)."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_bytes(path, buf.getvalue())
+
+
+def save_obfuscator(path: str | os.PathLike, defense: "torch.nn.Module") -> None:
+    """Save a defense on its own (the client side): ``path`` is a safetensors file whose metadata
+    holds the method name, input shape, number of classes and constructor config."""
+    meta = {
+        "veil_defense": defense.name,
+        "input_shape": json.dumps(list(defense.input_shape)),
+        "num_classes": str(defense.num_classes),
+        "config": json.dumps(defense.config()),
+    }
+    save_weights(path, defense.state_dict(), metadata=meta)
+
+
+def load_obfuscator(path: str | os.PathLike) -> "torch.nn.Module":
+    """Rebuild a defense saved with :func:`save_obfuscator`."""
+    from safetensors import safe_open
+
+    from veil.defenses import create_defense
+
+    tensors = load_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "veil_defense" not in meta:
+        raise ValueError(f"{path}: not a veil obfuscator file (no 'veil_defense' metadata)")
+    defense = create_defense(
+        meta["veil_defense"],
+        input_shape=tuple(json.loads(meta["input_shape"])),
+        num_classes=int(meta["num_classes"]),
+        **json.loads(meta["config"]),
+    )
+    missing, unexpected = defense.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match defense {meta['veil_defense']!r} (missing {missing}, unexpected {unexpected})")
+    return defense
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, tuple):
+        return list(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")

@@ -1,0 +1,193 @@
+"""The one training loop every defense runs through.
+
+``fit`` walks the defense's stages; in each, the loss is the task loss on the server model's output for
+``decode(encode(x, y or None))`` plus ``defense.penalty()``. A defense decides which of its parameters
+train (``set_stage``); it never brings a loop of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from veil.data.tasks import Split, Task
+from veil.defenses.base import Defense, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (saved as ``RUN/config.json``).
+
+    Attributes:
+        task: Task name (``digits-lt5``, ``mnist-lt5``, ``fashion-lt5``, ``npz:PATH``, ``idx:DIR``).
+        defense: Defense name (see ``veil.defenses.list_defenses()``).
+        knob: Value for the defense's knob (``None`` keeps the method's default).
+        defense_options: Other keyword arguments for the defense.
+        model: Server model name (``cnn`` or ``mlp``).
+        epochs: Epochs in all, shared among the defense's stages.
+        batch_size: Records per batch.
+        lr: Adam learning rate.
+        seed: Seed for data order, initialisation and training noise.
+        train_size: Keep only this many training records (``None``: all).
+    """
+
+    task: str = "digits-lt5"
+    defense: str = "scnl"
+    knob: float | None = None
+    defense_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: str = "cnn"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    train_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.knob is not None and not math.isfinite(self.knob):
+            raise ValueError(f"knob must be a finite number, got {self.knob}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+def stage_epochs(stages: list[Stage], epochs: int) -> list[int]:
+    """Split ``epochs`` among stages by their ``epoch_share`` (every stage gets at least one)."""
+    total = sum(s.epoch_share for s in stages)
+    counts = [max(1, round(epochs * s.epoch_share / total)) for s in stages]
+    return counts
+
+
+def train_step(
+    defense: Defense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and logits for one batch in ``stage`` (encode on the client, decode + model on the server)."""
+    m = defense.encode(x, y if stage.use_labels else None)
+    logits = model(defense.decode(m))
+    loss = F.cross_entropy(logits, y) + defense.penalty()
+    return loss, logits
+
+
+@torch.no_grad()
+def accuracy(defense: Defense, model: nn.Module, split: Split, *, use_labels: bool = False, batch_size: int = 512) -> float:
+    """Primary accuracy of ``model`` on ``split`` obfuscated by ``defense``.
+
+    ``use_labels=False`` is the inference path (no label on the client); ``True`` the training exposure.
+    """
+    was = defense.training, model.training
+    defense.eval()
+    model.eval()
+    correct = 0
+    for i in range(0, len(split), batch_size):
+        x, y = split.x[i : i + batch_size], split.y[i : i + batch_size]
+        logits = model(defense.decode(defense.encode(x, y if use_labels else None)))
+        correct += int((logits.argmax(1) == y).sum())
+    defense.train(was[0])
+    model.train(was[1])
+    return correct / max(1, len(split))
+
+
+def _trainable(defense: Defense, model: nn.Module, stage: Stage) -> list[nn.Parameter]:
+    params = [p for p in defense.parameters() if p.requires_grad]
+    for p in model.parameters():
+        p.requires_grad_(stage.train_model)
+    if stage.train_model:
+        params += list(model.parameters())
+    return params
+
+
+def fit(
+    defense: Defense,
+    model: nn.Module,
+    task: Task,
+    config: TrainConfig,
+    *,
+    start: tuple[int, int] = (0, 0),
+    optimizer_state: dict | None = None,
+    on_epoch_end: Callable[[int, int, torch.optim.Optimizer, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``defense`` and ``model`` together on ``task`` through the defense's stages.
+
+    Args:
+        start: (stage index, epoch within stage) to resume from.
+        optimizer_state: Optimizer state to restore when resuming mid-stage.
+        on_epoch_end: Called as ``(stage_index, next_epoch, optimizer, record)`` after every epoch
+            (checkpointing lives there).
+        log: Where progress lines go (default: stderr).
+
+    Returns:
+        One record per epoch: stage, epoch, train loss, train accuracy, validation accuracy.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    stages = defense.stages()
+    counts = stage_epochs(stages, config.epochs)
+    history: list[dict[str, Any]] = []
+    for si, (stage, n_epochs) in enumerate(zip(stages, counts)):
+        if si < start[0]:
+            continue
+        defense.set_stage(stage.name)
+        defense.train()
+        model.train()
+        loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si)
+        defense.setup(model, loader)
+        params = _trainable(defense, model, stage)
+        if not params:
+            raise ValueError(f"stage {stage.name!r} of defense {defense.name!r} has nothing to train")
+        opt = torch.optim.Adam(params, lr=config.lr)
+        first = start[1] if si == start[0] else 0
+        if first and optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+        for epoch in range(first, n_epochs):
+            t0, total, correct, seen = time.time(), 0.0, 0, 0
+            # a different but reproducible order every epoch, also after a resume
+            loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si + epoch)
+            for x, y in loader:
+                loss, logits = train_step(defense, model, x, y, stage)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r}, epoch {epoch + 1}; lower --lr or the knob")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+            rec = {
+                "stage": stage.name,
+                "epoch": epoch + 1,
+                "loss": total / seen,
+                "train_acc": correct / seen,
+                "val_acc": accuracy(defense, model, task.val, use_labels=stage.use_labels),
+                "seconds": round(time.time() - t0, 2),
+            }
+            history.append(rec)
+            log(
+                f"[{defense.name}] stage {stage.name} ({si + 1}/{len(stages)}) epoch {epoch + 1}/{n_epochs}: "
+                f"loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}  val acc {rec['val_acc']:.4f}  ({rec['seconds']}s)"
+            )
+            if on_epoch_end is not None:
+                on_epoch_end(si, epoch + 1, opt, rec)
+    defense.eval()
+    model.eval()
+    return history

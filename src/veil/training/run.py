@@ -1,0 +1,189 @@
+"""Run folders: train with checkpoints and resume, reload a finished run, export obfuscated records.
+
+A run folder holds::
+
+    config.json                 the full TrainConfig
+    obfuscator.safetensors      the client side alone (defense weights + its config in metadata)
+    model.safetensors           the server side (task model weights)
+    metrics.json                primary accuracy (inference and training exposure), client cost, history
+    checkpoint.safetensors      latest epoch's weights, with progress.json and optimizer.pt (resume)
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.data.tasks import Task, load_task
+from veil.defenses import Defense, create_defense, defense_class
+from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
+from veil.models import count_flops, count_parameters, create_model
+from veil.noise import reseed_from_os, seed_everything
+from veil.training.loop import TrainConfig, accuracy, fit
+
+EXPOSURES = ("inference", "training")
+
+
+def build(config: TrainConfig, task: Task | None = None) -> tuple[Task, Defense, nn.Module]:
+    """Task, defense and server model for ``config`` (seeded, untrained)."""
+    task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
+    seed_everything(config.seed)
+    options = dict(config.defense_options)
+    if config.knob is not None:
+        knob = defense_class(config.defense).knob
+        if not knob:
+            raise ValueError(f"defense {config.defense!r} has no knob; drop --lambda")
+        options[knob] = config.knob
+    defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
+    model = create_model(config.model, defense.output_shape(), task.num_primary)
+    return task, defense, model
+
+
+def _state(defense: Defense, model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {f"defense.{k}": v for k, v in defense.state_dict().items()}
+    out.update({f"model.{k}": v for k, v in model.state_dict().items()})
+    return out
+
+
+def _load_state(path: Path, defense: Defense, model: nn.Module) -> None:
+    tensors = load_weights(path)
+    d = {k[8:]: v for k, v in tensors.items() if k.startswith("defense.")}
+    m = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        defense.load_state_dict(d)
+        model.load_state_dict(m)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: checkpoint does not match this run's defense/model ({err})") from err
+
+
+def client_cost(defense: Defense, model: nn.Module) -> dict[str, Any]:
+    """Client-side FLOPs and parameters of ``encode`` (inference path) against the server model's."""
+    was = defense.training
+    defense.eval()
+    client = count_flops(lambda x: defense.encode(x), defense.input_shape)
+    server = count_flops(lambda x: model(x), defense.output_shape())
+    defense.train(was)
+    return {
+        "client_flops": client,
+        "server_flops": server,
+        "client_flops_share": client / server if server else None,
+        "client_params": count_parameters(defense),
+        "server_params": count_parameters(model),
+    }
+
+
+def train_run(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    task: Task | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``config`` into run folder ``out``; resume from its checkpoint if one is there.
+
+    Returns the metrics (also written to ``out/metrics.json``). A finished run is not retrained.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        old = read_json(cfg_path)
+        if old != config.to_dict():
+            raise ValueError(f"{out} holds a run with a different config; choose another --out or delete it")
+        if (out / "metrics.json").exists():
+            log(f"{out}: run already finished; metrics in {out / 'metrics.json'}")
+            return read_json(out / "metrics.json")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_path, config.to_dict())
+    task, defense, model = build(config, task)
+
+    start, opt_state, history = (0, 0), None, []
+    progress = out / "progress.json"
+    if progress.exists() and (out / "checkpoint.safetensors").exists():
+        p = read_json(progress)
+        _load_state(out / "checkpoint.safetensors", defense, model)
+        start, history = (p["stage"], p["epoch"]), p["history"]
+        if (out / "optimizer.pt").exists():
+            opt_state = torch.load(out / "optimizer.pt", weights_only=True)
+        torch.set_rng_state(torch.tensor(p["rng"], dtype=torch.uint8))
+        log(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
+
+    def checkpoint(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
+        history.append(rec)
+        save_weights(out / "checkpoint.safetensors", _state(defense, model))
+        with atomic_path(out / "optimizer.pt") as tmp:
+            torch.save(opt.state_dict(), tmp)
+        write_json(progress, {"stage": si, "epoch": next_epoch, "history": history, "rng": torch.get_rng_state().tolist()})
+
+    t0 = time.time()
+    fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log)
+    metrics = evaluate_primary(defense, model, task)
+    metrics.update(client_cost(defense, model))
+    metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "train_seconds": round(time.time() - t0, 2), "history": history})
+    save_obfuscator(out / "obfuscator.safetensors", defense)
+    save_weights(out / "model.safetensors", model.state_dict())
+    write_json(out / "metrics.json", metrics)
+    for name in ("checkpoint.safetensors", "optimizer.pt", "progress.json"):
+        (out / name).unlink(missing_ok=True)
+    return metrics
+
+
+def evaluate_primary(defense: Defense, model: nn.Module, task: Task) -> dict[str, float]:
+    """Primary test accuracy at both points of exposure."""
+    return {
+        "primary_acc": accuracy(defense, model, task.test, use_labels=False),
+        "primary_acc_training_exposure": accuracy(defense, model, task.test, use_labels=True),
+    }
+
+
+def load_run(run: str | Path, *, task: Task | None = None) -> tuple[TrainConfig, Task, Defense, nn.Module]:
+    """Reload a finished run: its config, task, trained defense and trained server model."""
+    run = Path(run)
+    if not (run / "config.json").exists():
+        raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
+    if not (run / "metrics.json").exists():
+        raise FileNotFoundError(f"{run}: run has not finished (no metrics.json); rerun 'veil train' with the same --out to resume")
+    config = TrainConfig.from_dict(read_json(run / "config.json"))
+    task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
+    defense = load_obfuscator(run / "obfuscator.safetensors")
+    model = create_model(config.model, defense.output_shape(), task.num_primary)
+    try:
+        model.load_state_dict(load_weights(run / "model.safetensors"))
+    except RuntimeError as err:
+        raise ValueError(f"{run / 'model.safetensors'}: does not match model {config.model!r} ({err})") from err
+    defense.eval()
+    model.eval()
+    return config, task, defense, model
+
+
+@torch.no_grad()
+def obfuscate(defense: Defense, x: torch.Tensor, y: torch.Tensor | None, *, batch_size: int = 512) -> torch.Tensor:
+    """What the untrusted side receives for records ``x`` (``y`` given: training exposure)."""
+    defense.eval()
+    parts = [defense.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def export_run(run: str | Path, out: str | Path, *, split: str = "test", mode: str = "inference") -> dict[str, Any]:
+    """Write the obfuscated records of ``split`` as the untrusted side receives them to ``out`` (.npz).
+
+    Arrays: ``x`` float32 (N, D) one row per record in dataset order, ``y`` primary, ``z`` secondary,
+    ``index`` into the split, ``shape`` the per-record shape of the message. Noise is drawn from the
+    operating system's entropy, not from the run's seed.
+    """
+    if mode not in EXPOSURES:
+        raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(EXPOSURES)}")
+    _, task, defense, _ = load_run(run)
+    s = task.split(split)
+    reseed_from_os()
+    m = obfuscate(defense, s.x, s.y if mode == "training" else None)
+    x = m.reshape(len(s), -1).numpy().astype(np.float32)
+    save_npz(out, x=x, y=s.y.numpy(), z=s.z.numpy(), index=np.arange(len(s)), shape=np.asarray(m.shape[1:], dtype=np.int64))
+    return {"records": len(s), "message_shape": list(m.shape[1:]), "mode": mode, "split": split, "out": str(out)}
