@@ -17,7 +17,7 @@ app = typer.Typer(
     help="veil: obfuscated training and inference, with peer defenses and honest privacy evaluation.",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH (arrays x, y, z) or idx:DIR."
 DEFENSE_HELP = "Obfuscation method; 'veil list' shows them all."
