@@ -11,6 +11,9 @@ from veil.defenses.base import Defense, Stage, check_batch
 _REGISTRY: dict[str, str] = {
     "none": "veil.defenses.baselines:NoDefense",
     "gaussian": "veil.defenses.baselines:GaussianNoise",
+    "ani": "veil.defenses.ani:AdaptiveNoiseInjection",
+    "cloak": "veil.defenses.cloak:Cloak",
+    "shredder": "veil.defenses.shredder:ShredderNoise",
 }
 
 
