@@ -1,0 +1,421 @@
+"""Incremental training with obfuscated data (seed 000 §4, 001 §2.3) and its screening regulariser (§4.1).
+
+For p = start, start + step, ... (percent of the training split available in the clear):
+
+1. **NN-p**: the server model trained on the p% clean records (warm-started from NN-(p - step)).
+2. **SL-p**: the obfuscator trained with (a copy of) NN-p on the same p% clean records, through the
+   defense's own stages (:func:`veil.training.loop.fit`). This is the small trusted step.
+3. The other (100 - p)% are obfuscated once by SL-p with hard selection (their labels are known):
+   the *training* point of exposure. Only these obfuscated records reach the compute engine.
+4. **NN'-p**: NN-p resumed on clean p% + obfuscated (100 - p)%; every batch, each obfuscated record has
+   a random part screened (hidden, set to 0) so the network cannot lean on SL-p's bias (§4.1).
+5. If NN'-p's validation accuracy misses the target, p grows by ``step`` and the loop repeats.
+
+A run folder holds ``config.json``, ``state.json`` (written atomically after each finished p; a rerun
+resumes after the last one), ``steps/pNNN/*.safetensors``, and at the end ``incremental.json``,
+``accuracy_vs_p.png``, ``model.safetensors`` (last NN'-p) and ``obfuscator.safetensors`` (last SL-p).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from veil.data.tasks import Split, Task, load_task
+from veil.defenses import Defense, create_defense, defense_class, list_defenses
+from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
+from veil.models import create_model
+from veil.noise import seed_everything
+from veil.training.loop import TrainConfig, fit
+from veil.training.run import obfuscate
+
+SCREEN_MODES = ("rect", "pixel")
+
+
+def default_defense() -> str:
+    """``scnl`` once it is registered, else ``gaussian`` (the placeholder obfuscator)."""
+    return "scnl" if "scnl" in list_defenses() else "gaussian"
+
+
+# --------------------------------------------------------------------------------------- screening
+def screen(x: torch.Tensor, ratio: float, *, mode: str = "rect", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Hide a random part of each record (the §4.1 regulariser): hidden values are set to 0.
+
+    Args:
+        x: Records (B, C, H, W).
+        ratio: Share of each record's pixels hidden, in [0, 1). 0 returns ``x`` unchanged.
+        mode: ``"rect"``: one random rectangle of about ``ratio * H * W`` pixels per record (same on
+            every channel); ``"pixel"``: each pixel hidden independently with probability ``ratio``.
+        generator: Source of the masks (a fresh draw every call: every iteration).
+
+    Returns:
+        (B, C, H, W), the screened records.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"screen ratio must lie in [0, 1), got {ratio!r}")
+    if mode not in SCREEN_MODES:
+        raise ValueError(f"unknown screen mode {mode!r}; valid: {', '.join(SCREEN_MODES)}")
+    if ratio == 0.0 or len(x) == 0:
+        return x
+    b, _, h, w = x.shape
+    if mode == "pixel":
+        keep = torch.rand(b, 1, h, w, generator=generator) >= ratio
+        return x * keep.to(x.dtype)
+    # rectangle with the aspect of the record, area ~ ratio * H * W
+    rh = min(h, max(1, round(h * math.sqrt(ratio))))
+    rw = min(w, max(1, round(w * ratio * h / rh)))
+    top = torch.randint(0, h - rh + 1, (b,), generator=generator)
+    left = torch.randint(0, w - rw + 1, (b,), generator=generator)
+    rows = torch.arange(h).view(1, h, 1)
+    cols = torch.arange(w).view(1, 1, w)
+    hide = ((rows >= top.view(b, 1, 1)) & (rows < (top + rh).view(b, 1, 1)) & (cols >= left.view(b, 1, 1)) & (cols < (left + rw).view(b, 1, 1)))
+    return x * (~hide).unsqueeze(1).to(x.dtype)  # (B, 1, H, W) broadcast over channels
+
+
+# --------------------------------------------------------------------------- training on fixed records
+def fit_records(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    screened: torch.Tensor | None = None,
+    screen_ratio: float = 0.0,
+    screen_mode: str = "rect",
+    proximal_mu: float = 0.0,
+    log: Callable[[str], None] | None = None,
+    name: str = "model",
+) -> list[dict[str, float]]:
+    """Train ``model`` on records that are already what the compute engine may see.
+
+    This is the untrusted side's loop: ``x`` is whatever the data owner handed over (clean records it
+    chose to share, obfuscated ones). Records flagged in ``screened`` get a fresh random screen every
+    batch. ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` term.
+
+    Returns:
+        One record per epoch: loss and training accuracy.
+    """
+    if len(x) == 0:
+        raise ValueError("no records to train on")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    flags = torch.zeros(len(x), dtype=torch.bool) if screened is None else screened.bool()
+    gen = torch.Generator().manual_seed(seed)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    history = []
+    for epoch in range(epochs):
+        t0, total, correct = time.time(), 0.0, 0
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            xb, yb, fb = x[idx], y[idx], flags[idx]
+            if screen_ratio > 0 and bool(fb.any()):
+                xb = torch.where(fb.view(-1, 1, 1, 1), screen(xb, screen_ratio, mode=screen_mode, generator=gen), xb)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            if anchor is not None:
+                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} training {name}; lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+        rec = {"epoch": epoch + 1, "loss": total / len(x), "train_acc": correct / len(x), "seconds": round(time.time() - t0, 2)}
+        history.append(rec)
+        log(f"[{name}] epoch {epoch + 1}/{epochs}: loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}  ({rec['seconds']}s)")
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
+    """Accuracy of ``model`` on records ``x`` exactly as given (clean or already obfuscated)."""
+    was = model.training
+    model.eval()
+    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    model.train(was)
+    return correct / max(1, len(x))
+
+
+def attribute_attack(
+    train_x: torch.Tensor, train_z: torch.Tensor, test_x: torch.Tensor, test_z: torch.Tensor, num_classes: int, *, epochs: int = 5, seed: int = 0
+) -> float:
+    """Secondary-attribute attack: a CNN trained on obfuscated records -> z, scored on obfuscated test
+    records. (A simple stand-in until ``veil.evaluation`` provides the shared attacker.)"""
+    torch.manual_seed(seed)
+    attacker = create_model("cnn", tuple(train_x.shape[1:]), num_classes)
+    fit_records(attacker, train_x, train_z, epochs=epochs, batch_size=128, lr=1e-3, seed=seed, log=lambda s: None, name="attacker")
+    return model_accuracy(attacker, test_x, test_z)
+
+
+# ----------------------------------------------------------------------------------------- config
+@dataclasses.dataclass(frozen=True)
+class IncrementalConfig:
+    """Everything that decides an incremental run (saved as ``RUN/config.json``).
+
+    Attributes:
+        task: Task name. defense: Obfuscator (``veil list``). knob: Its privacy knob (None: default).
+        defense_options: Other keyword arguments of the defense. model: Server model (cnn, mlp).
+        start, step, max_p: Percent of training records in the clear: first, increment, last.
+        target: Validation accuracy of NN'-p (clean validation records) that stops the growth, in [0, 1].
+        screen_ratio: Share of each obfuscated record hidden at every iteration, in [0, 1).
+        screen_mode: ``rect`` (one rectangle) or ``pixel`` (independent pixels).
+        clean_epochs: Epochs of NN-p on the p% clean records. obfuscator_epochs: Epochs of SL-p (shared
+            among the defense's stages). resume_epochs: Epochs of NN'-p on clean + obfuscated records.
+        attack_epochs: Epochs of the secondary-attribute attacker (0: skip the attack).
+        batch_size, lr, seed: Training settings. train_size: Keep only this many training records.
+        eval_size: Evaluate on at most this many validation/test records (None: all).
+    """
+
+    task: str = "digits-lt5"
+    defense: str = "gaussian"
+    knob: float | None = None
+    defense_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    model: str = "cnn"
+    start: float = 5.0
+    step: float = 5.0
+    max_p: float = 100.0
+    target: float = 0.95
+    screen_ratio: float = 0.25
+    screen_mode: str = "rect"
+    clean_epochs: int = 5
+    obfuscator_epochs: int = 4
+    resume_epochs: int = 3
+    attack_epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    train_size: int | None = None
+    eval_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("start", "step", "max_p"):
+            v = getattr(self, name)
+            if not (0 < v <= 100):
+                raise ValueError(f"{name} must be a percentage in (0, 100], got {v!r}")
+        if self.start > self.max_p:
+            raise ValueError(f"start ({self.start}) must not exceed max_p ({self.max_p})")
+        if not 0.0 <= self.target <= 1.0:
+            raise ValueError(f"target accuracy must lie in [0, 1], got {self.target!r}")
+        if not 0.0 <= self.screen_ratio < 1.0:
+            raise ValueError(f"screen_ratio must lie in [0, 1), got {self.screen_ratio!r}")
+        if self.screen_mode not in SCREEN_MODES:
+            raise ValueError(f"screen_mode must be one of {SCREEN_MODES}, got {self.screen_mode!r}")
+        for name in ("clean_epochs", "obfuscator_epochs", "resume_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.attack_epochs < 0:
+            raise ValueError(f"attack_epochs must be >= 0, got {self.attack_epochs!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.eval_size is not None and self.eval_size < 1:
+            raise ValueError(f"eval_size must be >= 1, got {self.eval_size!r}")
+        defense_class(self.defense)  # unknown name -> ValueError listing the valid ones
+
+    def percents(self) -> list[float]:
+        """The p values tried, in order (the last one is ``max_p`` even off the step grid)."""
+        out, p = [], self.start
+        while p < self.max_p - 1e-9:
+            out.append(round(p, 6))
+            p += self.step
+        return out + [self.max_p]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "IncrementalConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - names:
+            raise ValueError(f"unknown config keys {sorted(set(d) - names)}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------- the run
+def _head(split: Split, n: int | None) -> Split:
+    return split if n is None or n >= len(split) else split.subset(np.arange(n))
+
+
+def _build_defense(config: IncrementalConfig, task: Task) -> Defense:
+    options = dict(config.defense_options)
+    if config.knob is not None:
+        knob = defense_class(config.defense).knob
+        if not knob:
+            raise ValueError(f"defense {config.defense!r} has no knob; drop --lambda")
+        options[knob] = config.knob
+    return create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
+
+
+def _trains_anything(defense: Defense) -> bool:
+    return any(p.requires_grad for p in defense.parameters())
+
+
+def run_incremental(
+    config: IncrementalConfig, out: str | Path, *, task: Task | None = None, log: Callable[[str], None] | None = None, stop_after: int | None = None
+) -> dict[str, Any]:
+    """Run (or resume) incremental training into run folder ``out``.
+
+    Args:
+        stop_after: Stop after this many newly finished p steps (for tests of the resume path).
+
+    Returns:
+        The result (also in ``out/incremental.json`` once the run is finished).
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out)
+    if (out / "config.json").exists():
+        if read_json(out / "config.json") != config.to_dict():
+            raise ValueError(f"{out} holds an incremental run with a different config; choose another --out or delete it")
+        if (out / "incremental.json").exists():
+            log(f"{out}: run already finished; results in {out / 'incremental.json'}")
+            return read_json(out / "incremental.json")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
+    val, test = _head(task.val, config.eval_size), _head(task.test, config.eval_size)
+    n_train = len(task.train)
+    order = np.random.default_rng(config.seed).permutation(n_train)  # p% clean = a growing prefix
+    floor = task.primary_only_floor()
+
+    seed_everything(config.seed)
+    nn_p = create_model(config.model, task.input_shape, task.num_primary)
+    defense = _build_defense(config, task)
+    state = read_json(out / "state.json") if (out / "state.json").exists() else {"steps": [], "done": False}
+    steps: list[dict[str, Any]] = state["steps"]
+    if steps:
+        last = out / "steps" / _tag(steps[-1]["p"])
+        nn_p.load_state_dict(load_weights(last / "nn_p.safetensors"))
+        defense = load_obfuscator(last / "obfuscator.safetensors")
+        log(f"{out}: resuming after p = {steps[-1]['p']}% ({len(steps)} step(s) finished)")
+
+    finished_now = 0
+    for p in config.percents():
+        if state["done"] or any(s["p"] == p for s in steps):
+            continue
+        if stop_after is not None and finished_now >= stop_after:
+            log(f"{out}: stopping after {finished_now} step(s) as asked; rerun to resume")
+            return {"config": config.to_dict(), "steps": steps, "finished": False}
+        t0 = time.time()
+        seed_everything(config.seed + int(round(p * 1000)))
+        n_clean = max(1, int(round(n_train * p / 100)))
+        clean, rest = task.train.subset(np.sort(order[:n_clean])), task.train.subset(np.sort(order[n_clean:]))
+        log(f"== p = {p}%: {len(clean)} clean records, {len(rest)} to obfuscate")
+
+        # 1. NN-p on the clean p% (warm start: NN-(p - step))
+        fit_records(nn_p, clean.x, clean.y, epochs=config.clean_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 1, log=log, name=f"NN-{p:g}")
+        # 2. SL-p trained with a copy of NN-p on the same clean records (the trusted step)
+        if _trains_anything(defense):
+            helper = copy.deepcopy(nn_p)
+            sub = Task(task.name, clean, _head(val, 512), _head(val, 512), task.num_primary, task.num_secondary)
+            fit(defense, helper, sub, TrainConfig(task=task.name, defense=config.defense, epochs=config.obfuscator_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 2), log=log)
+        defense.eval()
+        # 3. obfuscate the rest with SL-p, hard selection by the known label (training exposure)
+        obf = obfuscate(defense, rest.x, rest.y) if len(rest) else torch.empty(0, *task.input_shape)
+        # 4. NN'-p: NN-p resumed on clean + obfuscated, screening the obfuscated records
+        nn_prime = copy.deepcopy(nn_p)
+        x_all = torch.cat([clean.x, obf]) if len(rest) else clean.x
+        y_all = torch.cat([clean.y, rest.y])
+        flags = torch.cat([torch.zeros(len(clean), dtype=torch.bool), torch.ones(len(rest), dtype=torch.bool)])
+        fit_records(nn_prime, x_all, y_all, epochs=config.resume_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 3, screened=flags, screen_ratio=config.screen_ratio, screen_mode=config.screen_mode, log=log, name=f"NN'-{p:g}")
+
+        test_obf = obfuscate(defense, test.x, test.y)
+        rec: dict[str, Any] = {
+            "p": p,
+            "clean_records": len(clean),
+            "obfuscated_records": len(rest),
+            "nn_p": {"test_acc_clean": model_accuracy(nn_p, test.x, test.y), "val_acc_clean": model_accuracy(nn_p, val.x, val.y)},
+            "nn_prime_p": {
+                "test_acc_clean": model_accuracy(nn_prime, test.x, test.y),
+                "test_acc_training_exposure": model_accuracy(nn_prime, test_obf, test.y),
+                "val_acc_clean": model_accuracy(nn_prime, val.x, val.y),
+            },
+            "privacy": {"primary_only_floor": floor, "chance": 1.0 / task.num_secondary},
+        }
+        if config.attack_epochs and len(rest) >= 10:
+            rec["privacy"]["attack_acc"] = attribute_attack(obf, rest.z, test_obf, test.z, task.num_secondary, epochs=config.attack_epochs, seed=config.seed + 4)
+        rec["seconds"] = round(time.time() - t0, 2)
+        log(f"== p = {p}%: NN-p {rec['nn_p']['test_acc_clean']:.4f}, NN'-p {rec['nn_prime_p']['test_acc_clean']:.4f} (clean test), "
+            f"attack {rec['privacy'].get('attack_acc', float('nan')):.4f} vs floor {floor:.4f}  ({rec['seconds']}s)")
+
+        folder = out / "steps" / _tag(p)
+        save_weights(folder / "nn_p.safetensors", nn_p.state_dict())
+        save_weights(folder / "nn_prime_p.safetensors", nn_prime.state_dict())
+        save_obfuscator(folder / "obfuscator.safetensors", defense)
+        steps.append(rec)
+        state = {"steps": steps, "done": rec["nn_prime_p"]["val_acc_clean"] >= config.target}
+        write_json(out / "state.json", state)  # last: a step counts only once its weights are on disk
+        finished_now += 1
+
+    return _finish(config, out, steps, state["done"], log)
+
+
+def _tag(p: float) -> str:
+    return f"p{p:07.3f}".replace(".", "_")
+
+
+def _finish(config: IncrementalConfig, out: Path, steps: list[dict[str, Any]], reached: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    last = out / "steps" / _tag(steps[-1]["p"])
+    for name, dst in (("nn_prime_p.safetensors", "model.safetensors"), ("obfuscator.safetensors", "obfuscator.safetensors")):
+        with atomic_path(out / dst) as tmp:
+            tmp.write_bytes((last / name).read_bytes())
+    result = {
+        "config": config.to_dict(),
+        "exposure": "NN-p: clean test records; NN'-p: clean test records and test records obfuscated by SL-p with hard selection (training exposure); privacy: attacker trained on the obfuscated (100-p)% and scored on obfuscated test records",
+        "target_metric": "NN'-p accuracy on the clean validation split",
+        "reached_target": bool(reached),
+        "final_p": steps[-1]["p"],
+        "steps": steps,
+        "finished": True,
+    }
+    plot_incremental(steps, out / "accuracy_vs_p.png", target=config.target)
+    write_json(out / "incremental.json", result)
+    log(f"{out}: finished at p = {steps[-1]['p']}% (target {'reached' if reached else 'not reached'})")
+    return result
+
+
+def plot_incremental(steps: list[dict[str, Any]], path: str | Path, *, target: float | None = None, baselines: dict[str, float] | None = None) -> None:
+    """Accuracy against p (NN-p, NN'-p) and attack accuracy against its floor, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = [s["p"] for s in steps]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot(ps, [s["nn_p"]["test_acc_clean"] for s in steps], "o-", label="NN-p (p% clean only)")
+    ax[0].plot(ps, [s["nn_prime_p"]["test_acc_clean"] for s in steps], "s-", label="NN'-p (+ obfuscated), clean test")
+    ax[0].plot(ps, [s["nn_prime_p"]["test_acc_training_exposure"] for s in steps], "^--", label="NN'-p, obfuscated test")
+    for name, v in (baselines or {}).items():
+        ax[0].axhline(v, ls=":", color="gray")
+        ax[0].annotate(name, (ps[0], v), fontsize=8, va="bottom")
+    if target is not None:
+        ax[0].axhline(target, ls="--", color="red", lw=0.8, label="target")
+    ax[0].set(xlabel="p (% of training records in the clear)", ylabel="primary test accuracy", title="accuracy against p")
+    ax[0].legend(fontsize=8)
+    if any("attack_acc" in s["privacy"] for s in steps):
+        ax[1].plot(ps, [s["privacy"].get("attack_acc", float("nan")) for s in steps], "o-", label="attack on obfuscated records")
+    ax[1].plot(ps, [s["privacy"]["primary_only_floor"] for s in steps], "k--", label="primary-only floor")
+    ax[1].set(xlabel="p", ylabel="secondary (digit) accuracy", title="privacy of the obfuscated part", ylim=(0, 1))
+    ax[1].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
