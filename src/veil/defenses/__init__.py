@@ -14,6 +14,9 @@ _REGISTRY: dict[str, str] = {
     "ani": "veil.defenses.ani:AdaptiveNoiseInjection",
     "cloak": "veil.defenses.cloak:Cloak",
     "shredder": "veil.defenses.shredder:ShredderNoise",
+    "svd": "veil.defenses.svd:SVDObfuscation",
+    "svd-bounded": "veil.defenses.svd:SVDBoundedObfuscation",
+    "sample-and-hold": "veil.defenses.sample_and_hold:SampleAndHold",
 }
 
 
