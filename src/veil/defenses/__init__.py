@@ -17,6 +17,10 @@ _REGISTRY: dict[str, str] = {
     "svd": "veil.defenses.svd:SVDObfuscation",
     "svd-bounded": "veil.defenses.svd:SVDBoundedObfuscation",
     "sample-and-hold": "veil.defenses.sample_and_hold:SampleAndHold",
+    "scnl": "veil.defenses.scnl:SCNL",
+    "scnl-adaptive": "veil.defenses.scnl:SCNLAdaptive",
+    "scnl-joint": "veil.defenses.scnl:SCNLJoint",
+    "scnl-twostage": "veil.defenses.scnl:SCNLTwoStage",
 }
 
 
