@@ -72,7 +72,7 @@ class Cloak(Defense):
         sigma_max: float = 2.0,
         threshold: float = 1.0,
         init_sigma: float = 0.3,
-        rho_scale: float = 10.0,
+        rho_scale: float = 25.0,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         for key, val in (("lambda_", lambda_), ("sigma_min", sigma_min), ("sigma_max", sigma_max), ("threshold", threshold), ("init_sigma", init_sigma), ("rho_scale", rho_scale)):
