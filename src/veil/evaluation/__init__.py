@@ -1,6 +1,35 @@
-"""Privacy evaluation: attribute-inference attack, reconstruction attack, mutual information, sweeps
-and trade-off reports (DESIGN part 9)."""
+"""Privacy evaluation (DESIGN part 9): attribute-inference attack, reconstruction attack, mutual
+information, sweeps over a defense's knob and trade-off reports.
 
-from veil.evaluation.attack import AttackConfig, attribute_attack, attack_exposure, build_attacker
+Names are imported on first use, so ``veil --help`` does not pay for importing torch.
+"""
 
-__all__ = ["AttackConfig", "attack_exposure", "attribute_attack", "build_attacker"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AttackConfig": "attack",
+    "attribute_attack": "attack",
+    "attack_exposure": "attack",
+    "build_attacker": "attack",
+    "ReconstructionConfig": "reconstruction",
+    "reconstruction_attack": "reconstruction",
+    "MIConfig": "mutual_information",
+    "mutual_information": "mutual_information",
+    "ksg_mi": "mutual_information",
+    "gaussian_channel_bound": "mutual_information",
+    "EvalConfig": "sweep",
+    "evaluate_run": "sweep",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f"veil.evaluation.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module 'veil.evaluation' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

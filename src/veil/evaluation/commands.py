@@ -1,0 +1,165 @@
+"""CLI commands ``veil evaluate``, ``veil sweep`` and ``veil report`` (registered in :mod:`veil.cli`).
+
+Each builds the library's configs from its options and makes one library call.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+EXPOSURES = ("inference", "training")  # as veil.training.run.EXPOSURES; torch is imported only when a command runs
+
+_err = Console(stderr=True)
+
+# shared option declarations (typer reads the defaults from these)
+_ATTACK_EPOCHS = typer.Option(40, "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
+_PATIENCE = typer.Option(6, "--patience", min=1, help="Attacker early-stopping patience (epochs without a better validation accuracy).")
+_ATTACK_TRAIN = typer.Option(None, "--attack-train-size", min=2, help="Obfuscated training records the attacker uses (default: the run's whole train split).")
+_ATTACKERS = typer.Option("linear,mlp,cnn,cnn-bn", "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages).")
+_VIEWS = typer.Option(4, "--views", min=1, help="Fresh obfuscations of the attacker's training set, cycled over epochs.")
+_AVG_K = typer.Option(8, "--averaging-k", min=0, help="Copies averaged by the averaging attack (0 or 1: off).")
+_EXPOSURES = typer.Option(",".join(EXPOSURES), "--exposures", help="Comma-separated points of exposure to attack: inference, training.")
+_RECON_EPOCHS = typer.Option(30, "--recon-epochs", min=0, help="Most epochs of the reconstruction decoder (0: skip the reconstruction attack).")
+_MI_DIMS = typer.Option(8, "--mi-dims", min=0, help="PCA dimensions for the KSG mutual-information estimate (0: skip MI).")
+_MI_K = typer.Option(3, "--mi-k", min=1, help="Neighbours in the KSG estimator.")
+_MI_SAMPLES = typer.Option(2000, "--mi-samples", min=5, help="Test pairs used by the KSG estimator.")
+_EVAL_SEED = typer.Option(0, "--eval-seed", help="Seed of the attackers, decoder and MI estimate.")
+
+
+def _split(text: str, what: str) -> tuple[str, ...]:
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not items:
+        raise ValueError(f"{what} must list at least one name, got {text!r}")
+    return items
+
+
+def build_eval_config(
+    *,
+    attack_epochs: int = 40,
+    patience: int = 6,
+    attack_train_size: Optional[int] = None,
+    attackers: str = "linear,mlp,cnn,cnn-bn",
+    views: int = 4,
+    averaging_k: int = 8,
+    exposures: str = ",".join(EXPOSURES),
+    recon_epochs: int = 30,
+    mi_dims: int = 8,
+    mi_k: int = 3,
+    mi_samples: int = 2000,
+    eval_seed: int = 0,
+) -> "EvalConfig":
+    """The :class:`~veil.evaluation.sweep.EvalConfig` the CLI options describe (bad values raise ``ValueError``)."""
+    from veil.evaluation.attack import AttackConfig
+    from veil.evaluation.mutual_information import MIConfig
+    from veil.evaluation.reconstruction import ReconstructionConfig
+    from veil.evaluation.sweep import EvalConfig
+
+    attack = AttackConfig(
+        attackers=_split(attackers, "--attackers"), epochs=attack_epochs, patience=patience, train_size=attack_train_size,
+        views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
+    )
+    recon = None if recon_epochs == 0 else ReconstructionConfig(epochs=recon_epochs, patience=min(5, recon_epochs), train_size=attack_train_size, seed=eval_seed)
+    mi = None if mi_dims == 0 else MIConfig(dims=mi_dims, k=mi_k, samples=mi_samples, seed=eval_seed)
+    return EvalConfig(attack=attack, reconstruction=recon, mi=mi)
+
+
+def _fail(err: Exception) -> None:
+    _err.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+def _summary(p: dict) -> dict:
+    keys = ("run", "defense", "knob", "knob_value", "primary_acc", "primary_acc_training_exposure", "attack_acc", "best_attacker",
+            "attack_acc_training", "averaging_attack_acc", "majority_floor", "primary_only_floor", "client_flops_share")
+    out = {k: p.get(k) for k in keys}
+    out["mi_normalised"] = (p.get("mi") or {}).get("ksg_normalised")
+    out["psnr"] = (p.get("reconstruction") or {}).get("psnr")
+    return out
+
+
+def evaluate_cmd(
+    run: Path = typer.Argument(..., help="A finished run folder (from 'veil train'); RUN/privacy.json is written."),
+    attack_epochs: int = _ATTACK_EPOCHS,
+    patience: int = _PATIENCE,
+    attack_train_size: Optional[int] = _ATTACK_TRAIN,
+    attackers: str = _ATTACKERS,
+    views: int = _VIEWS,
+    averaging_k: int = _AVG_K,
+    exposures: str = _EXPOSURES,
+    recon_epochs: int = _RECON_EPOCHS,
+    mi_dims: int = _MI_DIMS,
+    mi_k: int = _MI_K,
+    mi_samples: int = _MI_SAMPLES,
+    eval_seed: int = _EVAL_SEED,
+) -> None:
+    """Attack a trained run: attribute inference (several retrained attackers, both exposures), MI, reconstruction."""
+    from veil.evaluation.sweep import evaluate_run
+
+    try:
+        config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
+                                   views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
+                                   mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed)
+        result = evaluate_run(run, config)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    Console().print_json(json.dumps(_summary(result)))
+
+
+def sweep_cmd(
+    task: str = typer.Option("digits-lt5", "--task", "-t", help="Task: digits-lt5, mnist-lt5, fashion-lt5, npz:PATH or idx:DIR."),
+    defense: str = typer.Option(..., "--defense", "-d", help="Defense whose knob is swept ('veil list' shows them)."),
+    lambdas: str = typer.Option("default", "--lambdas", "--knobs", help="Comma-separated knob values, e.g. 0,0.5,1 ('default': the method's own)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Sweep folder; one run folder per knob value: OUT/DEFENSE/knob=VALUE. Rerun to resume."),
+    epochs: int = typer.Option(10, "--epochs", "-e", min=1, help="Training epochs per run."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records (defense and attacker)."),
+    model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Records per training batch."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate for training."),
+    seed: int = typer.Option(0, "--seed", help="Training seed."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
+    attack_epochs: int = _ATTACK_EPOCHS,
+    patience: int = _PATIENCE,
+    attack_train_size: Optional[int] = _ATTACK_TRAIN,
+    attackers: str = _ATTACKERS,
+    views: int = _VIEWS,
+    averaging_k: int = _AVG_K,
+    exposures: str = _EXPOSURES,
+    recon_epochs: int = _RECON_EPOCHS,
+    mi_dims: int = _MI_DIMS,
+    mi_k: int = _MI_K,
+    mi_samples: int = _MI_SAMPLES,
+    eval_seed: int = _EVAL_SEED,
+) -> None:
+    """Train and evaluate a defense at each knob value (resumable); then 'veil report OUT'."""
+    from veil.cli import _parse_options
+    from veil.evaluation.sweep import parse_knobs, sweep
+
+    try:
+        config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
+                                   views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
+                                   mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed)
+        train = {"epochs": epochs, "train_size": train_size, "model": model, "batch_size": batch_size, "lr": lr, "seed": seed,
+                 "defense_options": _parse_options(option)}
+        results = sweep(task, defense, parse_knobs(lambdas), out, train=train, evaluation=config)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        _fail(err)
+    Console().print_json(json.dumps([_summary(r) for r in results]))
+
+
+def report_cmd(
+    dirs: List[Path] = typer.Argument(..., help="Folders searched (recursively) for privacy.json files, e.g. sweep folders."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report folder: results.csv, results.md, tradeoff_*.png."),
+) -> None:
+    """Draw trade-off curves (primary vs attack accuracy, primary vs MI) and write markdown/CSV tables."""
+    from veil.evaluation.report import report
+
+    try:
+        info = report(dirs, out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    Console().print_json(json.dumps(info))

@@ -1,0 +1,154 @@
+"""Trade-off reports: collect ``privacy.json`` files, draw the curves, write a markdown and a CSV table.
+
+Per task, ``tradeoff_attack_TASK.png`` shows primary accuracy (x) against the best attacker's accuracy
+(y) at both points of exposure, one curve per defense ordered by its knob, with the majority-class and
+primary-only floors as horizontal lines (no defense can push a sound attacker below the primary-only
+floor while keeping the primary task); ``tradeoff_mi_TASK.png`` shows primary accuracy against the
+normalised KSG mutual information.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from veil.evaluation.sweep import PRIVACY_FILE
+from veil.io import atomic_path, read_json, write_bytes, write_csv
+
+COLUMNS = (
+    "task", "defense", "knob", "knob_value", "primary_acc", "primary_acc_training_exposure",
+    "attack_acc", "best_attacker", "attack_acc_training", "averaging_attack_acc", "majority_floor",
+    "primary_only_floor", "mi_ksg", "mi_normalised", "mi_gaussian_bound", "psnr", "ssim",
+    "client_flops_share", "run",
+)
+
+
+def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every ``privacy.json`` under ``dirs`` (searched recursively), as flat table rows."""
+    rows = []
+    for d in dirs:
+        d = Path(d)
+        if not d.exists():
+            raise FileNotFoundError(f"{d}: no such directory")
+        files = [d] if d.is_file() else sorted(d.rglob(PRIVACY_FILE))
+        for f in files:
+            rows.append(flatten(read_json(f)))
+    rows.sort(key=lambda r: (r["task"], r["defense"], _num(r["knob_value"])))
+    return rows
+
+
+def flatten(p: dict[str, Any]) -> dict[str, Any]:
+    """One table row from a ``privacy.json`` dict."""
+    mi = p.get("mi") or {}
+    rec = p.get("reconstruction") or {}
+    bound = mi.get("gaussian_bound") or {}
+    row = {k: p.get(k) for k in COLUMNS if k in p}
+    row.update(
+        {
+            "mi_ksg": mi.get("ksg"),
+            "mi_normalised": mi.get("ksg_normalised"),
+            "mi_gaussian_bound": bound.get("full"),
+            "psnr": rec.get("psnr"),
+            "ssim": rec.get("ssim"),
+        }
+    )
+    return {k: row.get(k) for k in COLUMNS}
+
+
+def _num(v: Any) -> float:
+    return -math.inf if v is None else float(v)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a GitHub markdown table (a subset of columns, floors included)."""
+    cols = (
+        ("task", "task"), ("defense", "defense"), ("knob_value", "knob"), ("primary_acc", "primary (inference)"),
+        ("primary_acc_training_exposure", "primary (training exp.)"), ("attack_acc", "attack (inference)"),
+        ("best_attacker", "best attacker"), ("attack_acc_training", "attack (training exp.)"),
+        ("averaging_attack_acc", "attack, averaged copies"), ("primary_only_floor", "primary-only floor"),
+        ("majority_floor", "majority floor"), ("mi_normalised", "MI (KSG, normalised)"), ("psnr", "PSNR dB"),
+        ("ssim", "SSIM"), ("client_flops_share", "client FLOPs share"),
+    )
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str]], title: str, floors: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
+    defenses = sorted({r["defense"] for r in rows})
+    for ax, (key, label) in zip(axes[0], panels):
+        for name in defenses:
+            pts = [(r["primary_acc"], r[key], r["knob_value"]) for r in rows if r["defense"] == name and r.get(key) is not None and r.get("primary_acc") is not None]
+            if not pts:
+                continue
+            xs, ys, ks = zip(*pts)
+            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            for x, y, k in pts:
+                if k is not None:
+                    ax.annotate(f"{k:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=line.get_color())
+        if floors:
+            maj = [r["majority_floor"] for r in rows if r.get("majority_floor") is not None]
+            prim = [r["primary_only_floor"] for r in rows if r.get("primary_only_floor") is not None]
+            if prim:
+                ax.axhline(max(prim), color="k", linestyle="--", linewidth=1, label="primary-only floor")
+            if maj:
+                ax.axhline(max(maj), color="gray", linestyle=":", linewidth=1, label="majority floor")
+        ax.set_xlabel("primary accuracy (inference)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def report(dirs: Iterable[str | Path], out: str | Path) -> dict[str, Any]:
+    """Write ``results.csv``, ``results.md`` and per-task trade-off PNGs for every privacy.json under ``dirs``."""
+    dirs = list(dirs)
+    if not dirs:
+        raise ValueError("report needs at least one directory holding privacy.json files")
+    rows = collect(dirs)
+    if not rows:
+        raise ValueError(f"no {PRIVACY_FILE} under {', '.join(map(str, dirs))}; run 'veil evaluate' or 'veil sweep' first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "results.csv", rows)
+    figures = []
+    md = ["# veil privacy/utility trade-off\n"]
+    for task in sorted({r["task"] for r in rows}):
+        sub = [r for r in rows if r["task"] == task]
+        safe = task.replace("/", "_").replace(":", "_")
+        f1 = out / f"tradeoff_attack_{safe}.png"
+        _plot(sub, f1, [("attack_acc", "best attack accuracy (inference exposure)"), ("attack_acc_training", "best attack accuracy (training exposure)")], f"{task}: primary vs secondary (attack) accuracy", floors=True)
+        f2 = out / f"tradeoff_mi_{safe}.png"
+        _plot(sub, f2, [("mi_normalised", "I_KSG(X;X') / I_KSG(X;X)  (PCA proxy)")], f"{task}: primary accuracy vs mutual information", floors=False)
+        figures += [str(f1), str(f2)]
+        md += [f"\n## {task}\n", f"![attack]({f1.name})\n", f"![mi]({f2.name})\n\n", markdown_table(sub)]
+    md.append(
+        "\nAttack accuracy: test accuracy of the attacker (of several architectures) with the best validation "
+        "accuracy, trained on obfuscated training records. Floors: majority class; best guess from the primary "
+        "label alone. MI: KSG on a PCA reduction, a low-dimensional proxy (see privacy.json for settings).\n"
+    )
+    write_bytes(out / "results.md", "".join(md).encode())
+    return {"rows": len(rows), "csv": str(out / "results.csv"), "markdown": str(out / "results.md"), "figures": figures}
+
+
+__all__ = ["collect", "flatten", "markdown_table", "report"]

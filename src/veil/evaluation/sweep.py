@@ -1,0 +1,189 @@
+"""Evaluate a finished run (``RUN/privacy.json``) and sweep a defense's knob (train + evaluate a series).
+
+A sweep writes one run folder per knob value, ``OUT/DEFENSE/knob=VALUE``; every result is written
+atomically as soon as it exists, so an interrupted sweep keeps what it finished and, rerun with the same
+arguments, skips runs whose ``privacy.json`` is there (``train_run`` resumes unfinished training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from veil.data.tasks import Task, load_task
+from veil.defenses import defense_class
+from veil.evaluation.attack import AttackConfig, attribute_attack
+from veil.evaluation.mutual_information import MIConfig, mutual_information
+from veil.evaluation.reconstruction import ReconstructionConfig, reconstruction_attack
+from veil.io import read_json, write_json
+from veil.noise import seed_everything
+from veil.training.loop import TrainConfig
+from veil.training.run import load_run, train_run
+
+PRIVACY_FILE = "privacy.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Everything that decides an evaluation (saved in ``privacy.json``).
+
+    Attributes:
+        attack: The attribute-inference attack's effort.
+        reconstruction: The reconstruction attack (``None``: skipped).
+        mi: The mutual-information estimate (``None``: skipped).
+    """
+
+    attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
+    reconstruction: ReconstructionConfig | None = dataclasses.field(default_factory=ReconstructionConfig)
+    mi: MIConfig | None = dataclasses.field(default_factory=MIConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "attack": self.attack.to_dict(),
+            "reconstruction": None if self.reconstruction is None else self.reconstruction.to_dict(),
+            "mi": None if self.mi is None else self.mi.to_dict(),
+        }
+
+
+def evaluate_run(
+    run: str | Path,
+    config: EvalConfig | None = None,
+    *,
+    task: Task | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Attack a finished run folder and write ``RUN/privacy.json`` (atomically); return its content.
+
+    Keys: ``primary_acc`` and ``primary_acc_training_exposure`` (from metrics.json), ``attack_acc`` /
+    ``attack_acc_training`` (best attacker by validation accuracy, test accuracy), ``attack`` (every
+    attacker at every exposure, averaging attack, floors), ``majority_floor``, ``primary_only_floor``,
+    ``averaging_attack_acc``, ``mi``, ``reconstruction`` (PSNR/SSIM; grid in ``RUN/reconstruction.png``),
+    the client cost (FLOPs share) and both configs.
+    """
+    config = config or EvalConfig()
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    run = Path(run)
+    train_cfg, task, defense, _ = load_run(run, task=task)
+    metrics = read_json(run / "metrics.json")
+    t0 = time.time()
+    log(f"[evaluate] {run}: defense {defense.name}, {defense.knob or 'no knob'}={defense.knob_value()}")
+    attack = attribute_attack(defense, task, config.attack, log=log)
+    out: dict[str, Any] = {
+        "run": str(run),
+        "task": train_cfg.task,
+        "defense": defense.name,
+        "knob": defense.knob or None,
+        "knob_value": defense.knob_value(),
+        "primary_acc": metrics.get("primary_acc"),
+        "primary_acc_training_exposure": metrics.get("primary_acc_training_exposure"),
+        "attack_acc": attack.get("inference", {}).get("attack_acc"),
+        "attack_acc_training": attack.get("training", {}).get("attack_acc"),
+        "best_attacker": attack.get("inference", {}).get("best"),
+        "majority_floor": attack["majority_floor"],
+        "primary_only_floor": attack["primary_only_floor"],
+        "averaging_attack_acc": (attack.get("inference", {}).get("averaging") or {}).get("test_acc"),
+        "averaging_attack_acc_training": (attack.get("training", {}).get("averaging") or {}).get("test_acc"),
+    }
+    for key in ("client_flops_share", "client_flops", "server_flops", "client_params", "server_params"):
+        out[key] = metrics.get(key)
+    out["attack"] = attack
+    if config.mi is not None:
+        seed_everything(config.mi.seed)
+        out["mi"] = mutual_information(defense, task, config.mi)
+        log(f"[evaluate] MI (KSG, nats): {out['mi']['ksg']:.3f}, normalised {out['mi']['ksg_normalised']}")
+    else:
+        out["mi"] = None
+    if config.reconstruction is not None:
+        out["reconstruction"] = reconstruction_attack(defense, task, config.reconstruction, grid_path=run / "reconstruction.png", log=log)
+    else:
+        out["reconstruction"] = None
+    out["evaluation_config"] = config.to_dict()
+    out["train_config"] = train_cfg.to_dict()
+    out["seconds"] = round(time.time() - t0, 2)
+    write_json(run / PRIVACY_FILE, out)
+    log(
+        f"[evaluate] {run}: primary {out['primary_acc']:.4f}, attack {out['attack_acc']} "
+        f"(floors: majority {out['majority_floor']:.4f}, primary-only {out['primary_only_floor']:.4f}) -> {run / PRIVACY_FILE}"
+    )
+    return out
+
+
+def run_dir(out: str | Path, defense: str, knob: float | None) -> Path:
+    """``OUT/DEFENSE/knob=VALUE`` (``knob=default`` when the method's default knob is used)."""
+    return Path(out) / defense / ("knob=default" if knob is None else f"knob={knob:g}")
+
+
+def sweep(
+    task: str,
+    defense: str,
+    knobs: Iterable[float | None],
+    out: str | Path,
+    *,
+    train: dict[str, Any] | None = None,
+    evaluation: EvalConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train and evaluate ``defense`` on ``task`` at each knob value; return the privacy results.
+
+    Args:
+        knobs: Knob values (``None``: the method's default). For a method without a knob (``none``)
+            only one run is made, whatever is given.
+        train: Other :class:`~veil.training.TrainConfig` fields (``epochs``, ``train_size``, ``seed``, ...).
+        evaluation: The evaluation's settings.
+    """
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    evaluation = evaluation or EvalConfig()
+    train = dict(train or {})
+    for bad in ("task", "defense", "knob"):
+        if bad in train:
+            raise ValueError(f"train options must not set {bad!r}; pass it as an argument")
+    cls = defense_class(defense)
+    values = list(knobs)
+    if not values:
+        raise ValueError("knobs must hold at least one value")
+    if not cls.knob:
+        values = [None]
+    loaded: Task | None = None
+    results = []
+    for i, knob in enumerate(values):
+        config = TrainConfig(task=task, defense=defense, knob=knob, **train)
+        folder = run_dir(out, defense, knob)
+        done = folder / PRIVACY_FILE
+        if done.exists():
+            old = read_json(done)
+            if old.get("evaluation_config") == evaluation.to_dict() and old.get("train_config") == config.to_dict():
+                log(f"[sweep] {folder}: already evaluated, skipped ({i + 1}/{len(values)})")
+                results.append(old)
+                continue
+            log(f"[sweep] {folder}: privacy.json was made with other settings; evaluating again")
+        log(f"[sweep] {defense} {cls.knob or ''}={knob if knob is not None else 'default'} ({i + 1}/{len(values)}) -> {folder}")
+        if loaded is None:
+            loaded = load_task(task, seed=config.seed, train_size=config.train_size)
+        train_run(config, folder, task=loaded, log=log)
+        results.append(evaluate_run(folder, evaluation, task=loaded, log=log))
+    return results
+
+
+def parse_knobs(text: str) -> list[float | None]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; ``"default"`` stands for the method's default value."""
+    values: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part == "default":
+            values.append(None)
+            continue
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(f"knob values must be numbers separated by commas (or 'default'), got {part!r} in {text!r}") from None
+    if not values:
+        raise ValueError(f"no knob values in {text!r}; expected e.g. '0,0.5,1'")
+    return values
+
+
+__all__ = ["EvalConfig", "PRIVACY_FILE", "evaluate_run", "parse_knobs", "run_dir", "sweep"]
