@@ -132,6 +132,15 @@ def demo(
 
 
 # -- commands from other parts of veil are registered below (one line each) --
+from veil.evaluation.commands import evaluate_cmd, report_cmd, sweep_cmd  # noqa: E402
+
+app.command("evaluate")(evaluate_cmd)
+app.command("sweep")(sweep_cmd)
+app.command("report")(report_cmd)
+from veil.federated.commands import federated_cmd, incremental_cmd  # noqa: E402
+
+app.command("incremental")(incremental_cmd)
+app.command("federated")(federated_cmd)
 
 
 def main() -> None:
