@@ -132,6 +132,10 @@ def demo(
 
 
 # -- commands from other parts of veil are registered below (one line each) --
+from veil.federated.commands import federated_cmd, incremental_cmd  # noqa: E402
+
+app.command("incremental")(incremental_cmd)
+app.command("federated")(federated_cmd)
 from veil.evaluation.commands import evaluate_cmd, report_cmd, sweep_cmd  # noqa: E402
 
 app.command("evaluate")(evaluate_cmd)

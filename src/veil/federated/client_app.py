@@ -1,0 +1,71 @@
+"""Flower ClientApp: each client obfuscates its own records, then its local engine trains on them.
+
+The run's :class:`~veil.federated.task.FederatedConfig` arrives as JSON in the message's config record
+(key ``veil-config``), so the same app works in the in-process grid, the Ray simulation and real
+``flower-supernode`` processes. The client's partition comes from ``context.node_config["partition-id"]``.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from veil.defenses import Defense
+from veil.federated.task import FederatedConfig, client_data, client_obfuscator, evaluate_model, local_train, new_model, obfuscate_for_engine
+
+app = ClientApp()
+
+# (config JSON, partition id) -> obfuscator. Trained once per client process; the training is seeded,
+# so a client restarted elsewhere rebuilds the same obfuscator.
+_OBFUSCATORS: dict[tuple[str, int], Defense] = {}
+
+
+def _setup(msg: Message, context: Context) -> tuple[FederatedConfig, int, str]:
+    text = str(msg.content["config"]["veil-config"])
+    config = FederatedConfig.from_json(text)
+    pid = int(context.node_config.get("partition-id", -1))
+    if pid < 0:
+        raise ValueError("this node has no 'partition-id' in its node config; start it with --node-config 'partition-id=K num-partitions=N'")
+    return config, pid, text
+
+
+def _obfuscator(config: FederatedConfig, pid: int, text: str, train) -> Defense:
+    key = (text, pid)
+    if key not in _OBFUSCATORS:
+        _OBFUSCATORS[key] = client_obfuscator(config, pid, train)
+    return _OBFUSCATORS[key]
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local round: trusted obfuscation of every record, then untrusted local training."""
+    config, pid, text = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    train_split, _ = client_data(config, pid)
+    defense = _obfuscator(config, pid, text, train_split)
+    # trusted side: fresh noise every round, hard selection by the known label
+    x_obf = obfuscate_for_engine(defense, train_split, seed=config.seed + 1000 * server_round + pid)
+    y = train_split.y
+    del train_split  # nothing clean goes past this line
+    # untrusted compute engine
+    model = new_model(config)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    history = local_train(model, x_obf, y, config, seed=config.seed + 7 * server_round + pid, proximal_mu=mu)
+    metrics = MetricRecord({"train_loss": history[-1]["loss"], "train_acc": history[-1]["train_acc"], "num-examples": len(y)})
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this client's test shard, obfuscated by its own obfuscator."""
+    config, pid, text = _setup(msg, context)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    train_split, test = client_data(config, pid)
+    defense = _obfuscator(config, pid, text, train_split)
+    model = new_model(config)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    accs = evaluate_model(model, defense, test, seed=config.seed + 5000 + 1000 * server_round + pid)
+    metrics = MetricRecord({**accs, "num-examples": len(test)})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,257 @@
+"""Plain PyTorch side of federated training: the config, client data splits, client obfuscators,
+the local step, and evaluation. ``client_app.py`` and ``server_app.py`` are thin Flower adapters.
+
+Where a client's obfuscator comes from (decided here):
+
+* default: each client (the data owner of one partition) trains its **own** obfuscator on a small
+  trusted fraction of its records (``trusted_fraction``), with a throw-away local model, through the
+  defense's stages (:func:`veil.training.loop.fit`). This is the trusted step; it never leaves the
+  client's trusted side. No obfuscator weights travel.
+* ``obfuscator=PATH``: every client loads one shared, pre-trained obfuscator (``RUN/obfuscator.safetensors``
+  from ``veil train``), which each data owner received out of band.
+
+Then, every round, each client obfuscates *all* its training records with hard selection (labels are
+known: the training point of exposure) with fresh noise, and only the obfuscated tensor is handed to
+the local compute engine (:func:`local_train`), which never sees a clean record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.data.tasks import Split, Task, load_task
+from veil.defenses import Defense, create_defense, defense_class
+from veil.io import load_obfuscator
+from veil.models import create_model
+from veil.noise import seed_everything
+from veil.training.incremental import SCREEN_MODES, default_defense, fit_records, model_accuracy
+from veil.training.loop import TrainConfig, fit
+from veil.training.run import obfuscate
+
+PARTITIONS = ("iid", "noniid")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian")
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedConfig:
+    """Everything that decides a federated run (saved as ``RUN/config.json``; sent to the clients).
+
+    Attributes:
+        task: Task name. clients: Number of clients (partitions of the training split). rounds: Rounds.
+        partition: ``iid`` or ``noniid`` (label skew: per-client shares of each secondary class, e.g.
+            each digit, drawn from Dirichlet(``alpha``)).
+        alpha: Dirichlet concentration for ``noniid`` (smaller = more skewed).
+        defense: Client obfuscator (``none`` trains on clean records: the baseline).
+        knob, defense_options: The defense's knob value and other options.
+        obfuscator: Path of a shared pre-trained obfuscator (safetensors from ``veil train``); None:
+            each client trains its own on ``trusted_fraction`` of its records.
+        trusted_fraction: Share of each client's records its data owner uses to train its obfuscator.
+        obfuscator_epochs: Epochs for that (shared among the defense's stages).
+        local_epochs: Local epochs per round on the obfuscated records.
+        screen_ratio, screen_mode: Screening of the obfuscated records at every local iteration.
+        strategy: Flower strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedmedian).
+        proximal_mu: FedProx's mu. server_lr: Server learning rate (eta) of the FedOpt strategies.
+        model, batch_size, lr, seed, train_size: As in ``veil train``. eval_size: Test records used
+            (None: all), split among the clients for federated evaluation.
+    """
+
+    task: str = "digits-lt5"
+    clients: int = 3
+    rounds: int = 3
+    partition: str = "iid"
+    alpha: float = 0.5
+    defense: str = "gaussian"
+    knob: float | None = None
+    defense_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    obfuscator: str | None = None
+    trusted_fraction: float = 0.1
+    obfuscator_epochs: int = 2
+    local_epochs: int = 1
+    screen_ratio: float = 0.0
+    screen_mode: str = "rect"
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    model: str = "cnn"
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    train_size: int | None = None
+    eval_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.clients < 1:
+            raise ValueError(f"clients must be >= 1, got {self.clients!r}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds!r}")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if not 0.0 < self.trusted_fraction <= 1.0:
+            raise ValueError(f"trusted_fraction must lie in (0, 1], got {self.trusted_fraction!r}")
+        if not 0.0 <= self.screen_ratio < 1.0:
+            raise ValueError(f"screen_ratio must lie in [0, 1), got {self.screen_ratio!r}")
+        if self.screen_mode not in SCREEN_MODES:
+            raise ValueError(f"screen_mode must be one of {SCREEN_MODES}, got {self.screen_mode!r}")
+        for name in ("obfuscator_epochs", "local_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.proximal_mu < 0 or self.server_lr <= 0:
+            raise ValueError(f"proximal_mu must be >= 0 and server_lr > 0, got {self.proximal_mu!r}, {self.server_lr!r}")
+        if self.eval_size is not None and self.eval_size < self.clients:
+            raise ValueError(f"eval_size must be at least the number of clients ({self.clients}), got {self.eval_size!r}")
+        if self.obfuscator is None:
+            defense_class(self.defense)  # unknown name -> ValueError listing the valid ones
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FederatedConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) - names:
+            raise ValueError(f"unknown federated config keys {sorted(set(d) - names)}; valid: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FederatedConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def with_default_defense(**kw: Any) -> FederatedConfig:
+    """A config whose defense defaults to ``scnl`` once it exists (else ``gaussian``)."""
+    kw.setdefault("defense", default_defense())
+    return FederatedConfig(**kw)
+
+
+# ----------------------------------------------------------------------------------------- data
+def partition_indices(labels: np.ndarray, clients: int, partition: str, *, alpha: float = 0.5, seed: int = 0) -> list[np.ndarray]:
+    """Split record indices among ``clients``.
+
+    ``iid``: a random equal split. ``noniid``: for every class of ``labels``, its records are shared
+    among the clients in proportions drawn from Dirichlet(alpha) (label skew); redrawn until every
+    client holds at least two records.
+    """
+    n = len(labels)
+    if clients > n:
+        raise ValueError(f"more clients ({clients}) than training records ({n}); use fewer clients or more data")
+    if partition not in PARTITIONS:
+        raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
+    rng = np.random.default_rng(seed)
+    if partition == "iid":
+        return [np.sort(p) for p in np.array_split(rng.permutation(n), clients)]
+    minimum = min(2, n // clients)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(clients)]
+        for c in np.unique(labels):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha))) * len(idx)).astype(int)[:-1]
+            for k, chunk in enumerate(np.split(idx, cuts)):
+                parts[k] += chunk.tolist()
+        if min(len(p) for p in parts) >= minimum:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    raise ValueError(f"could not draw a non-IID split with at least {minimum} records per client; raise alpha or lower clients")
+
+
+@functools.lru_cache(maxsize=4)
+def _task(name: str, seed: int, train_size: int | None) -> Task:
+    return load_task(name, seed=seed, train_size=train_size)
+
+
+def load_federated_task(config: FederatedConfig) -> Task:
+    """The task (cached per process: every client in one process shares the arrays)."""
+    return _task(config.task, config.seed, config.train_size)
+
+
+def test_split(config: FederatedConfig, task: Task) -> Split:
+    s = task.test
+    return s if config.eval_size is None or config.eval_size >= len(s) else s.subset(np.arange(config.eval_size))
+
+
+def client_data(config: FederatedConfig, partition_id: int, task: Task | None = None) -> tuple[Split, Split]:
+    """The training records and the test shard held by client ``partition_id`` (clean: trusted side)."""
+    if not 0 <= partition_id < config.clients:
+        raise ValueError(f"partition-id must lie in [0, {config.clients - 1}], got {partition_id!r}")
+    task = task or load_federated_task(config)
+    parts = partition_indices(task.train.z.numpy(), config.clients, config.partition, alpha=config.alpha, seed=config.seed)
+    test = test_split(config, task)
+    shards = partition_indices(test.z.numpy(), config.clients, "iid", seed=config.seed + 1)
+    return task.train.subset(parts[partition_id]), test.subset(shards[partition_id])
+
+
+# ----------------------------------------------------------------------------------------- models
+def new_model(config: FederatedConfig, task: Task | None = None) -> nn.Module:
+    """The server model, seeded (the round-0 global model)."""
+    task = task or load_federated_task(config)
+    seed_everything(config.seed)
+    return create_model(config.model, task.input_shape, task.num_primary)
+
+
+def client_obfuscator(config: FederatedConfig, partition_id: int, train: Split, task: Task | None = None) -> Defense:
+    """The obfuscator of client ``partition_id`` (trusted side). See the module docstring."""
+    task = task or load_federated_task(config)
+    if config.obfuscator is not None:
+        defense = load_obfuscator(config.obfuscator)
+        if tuple(defense.input_shape) != tuple(task.input_shape) or defense.num_classes != task.num_primary:
+            raise ValueError(f"{config.obfuscator}: obfuscator is for records {defense.input_shape} with {defense.num_classes} classes, task {task.name!r} has {task.input_shape} and {task.num_primary}")
+        defense.eval()
+        return defense
+    options = dict(config.defense_options)
+    if config.knob is not None:
+        knob = defense_class(config.defense).knob
+        if not knob:
+            raise ValueError(f"defense {config.defense!r} has no knob; drop --lambda")
+        options[knob] = config.knob
+    seed_everything(config.seed + 7919 * (partition_id + 1))
+    defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
+    if any(p.requires_grad for p in defense.parameters()):
+        n = max(2, int(round(config.trusted_fraction * len(train))))
+        keep = np.sort(np.random.default_rng(config.seed + partition_id).permutation(len(train))[:n])
+        trusted = train.subset(keep)
+        helper = create_model(config.model, task.input_shape, task.num_primary)
+        local = Task(task.name, trusted, trusted, trusted, task.num_primary, task.num_secondary)
+        tc = TrainConfig(task=task.name, defense=config.defense, epochs=config.obfuscator_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + partition_id)
+        fit(defense, helper, local, tc, log=lambda s: None)
+    defense.eval()
+    return defense
+
+
+def obfuscate_for_engine(defense: Defense, split: Split, *, seed: int, use_labels: bool = True) -> torch.Tensor:
+    """The trusted step: records as the compute engine receives them (hard selection when
+    ``use_labels``), with noise drawn from ``seed`` (fresh every round)."""
+    torch.manual_seed(seed)
+    return obfuscate(defense, split.x, split.y if use_labels else None)
+
+
+def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FederatedConfig, *, seed: int, proximal_mu: float = 0.0) -> list[dict[str, float]]:
+    """The untrusted compute engine's step: train ``model`` on already-obfuscated records."""
+    return fit_records(
+        model, x, y, epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, seed=seed,
+        screened=torch.ones(len(x), dtype=torch.bool), screen_ratio=config.screen_ratio, screen_mode=config.screen_mode,
+        proximal_mu=proximal_mu, log=lambda s: None, name="client",
+    )
+
+
+def evaluate_model(model: nn.Module, defense: Defense, split: Split, *, seed: int) -> dict[str, float]:
+    """Accuracy on ``split`` obfuscated at both points of exposure, and on the clean records."""
+    return {
+        "acc_training_exposure": model_accuracy(model, obfuscate_for_engine(defense, split, seed=seed), split.y),
+        "acc_inference": model_accuracy(model, obfuscate_for_engine(defense, split, seed=seed + 1, use_labels=False), split.y),
+        "acc_clean": model_accuracy(model, split.x, split.y),
+    }
