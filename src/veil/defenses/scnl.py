@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
-from veil.layers.scnl import INCARNATIONS, SCNLAdditive, SCNLBase, SCNLConv2d, SCNLLinear
+from veil.layers.scnl import INCARNATIONS, SCNLAdditive, SCNLBase, SCNLConv2d, SCNLLinear, scale_learning_rate
 from veil.layers.distributions import list_distributions
 from veil.layers.selection import AdaptiveSelection, SoftSelection
 
@@ -85,6 +85,8 @@ class SCNLDefense(Defense):
         temperature: Relaxation temperature of the discrete distributions.
         trials: Number of trials of binomial/multinomial.
         soft_share: Share of the epochs given to the ``soft`` stage in two-stage training.
+        lr_scale: The client-side layers learn this many times faster than the server model
+            (:func:`veil.layers.scnl.scale_learning_rate`), so that they converge within a few epochs.
     """
 
     name: ClassVar[str] = "scnl-custom"
@@ -109,6 +111,7 @@ class SCNLDefense(Defense):
         "temperature": 0.5,
         "trials": 1,
         "soft_share": 0.5,
+        "lr_scale": 5.0,
     }
 
     def __init__(
@@ -133,6 +136,7 @@ class SCNLDefense(Defense):
         temperature: float | None = None,
         trials: int | None = None,
         soft_share: float | None = None,
+        lr_scale: float | None = None,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         given = dict(
@@ -140,12 +144,13 @@ class SCNLDefense(Defense):
             distribution=distribution, hard_fraction=hard_fraction, selector_weight=selector_weight,
             selector_width=selector_width, out_channels=out_channels, kernel_size=kernel_size, bound=bound,
             min_scale=min_scale, init_scale=init_scale, temperature=temperature, trials=trials, soft_share=soft_share,
+            lr_scale=lr_scale,
         )
         o = {k: (self.DEFAULTS[k] if v is None else v) for k, v in given.items()}
         self._validate(o)
         self.options = o
         self.lambda_ = float(o["lambda_"])
-        self.layer = self._build_layer(o)
+        self.layer = scale_learning_rate(self._build_layer(o), float(o["lr_scale"]))
         self._last_penalty: torch.Tensor | None = None
         self.last_stats: dict[str, float] = {}
 
@@ -169,6 +174,8 @@ class SCNLDefense(Defense):
             raise ValueError(f"selector_weight must be >= 0, got {o['selector_weight']!r}")
         if o["training"] == "twostage" and not 0 < float(o["soft_share"]) < 1:
             raise ValueError(f"two-stage training needs 0 < soft_share < 1, got {o['soft_share']!r}")
+        if not (isinstance(o["lr_scale"], (int, float)) and o["lr_scale"] > 0):
+            raise ValueError(f"lr_scale must be a number > 0, got {o['lr_scale']!r}")
         if o["out_channels"] is not None and int(o["out_channels"]) < 1:
             raise ValueError(f"out_channels must be >= 1, got {o['out_channels']!r}")
 
