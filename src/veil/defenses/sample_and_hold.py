@@ -36,7 +36,8 @@ def sample_and_hold(x: torch.Tensor, window: int) -> torch.Tensor:
     """Algorithm 1 on every window of each record's unfolded stream. (B, *S) -> (B, *S).
 
     Per window ``W`` of ``window`` consecutive stream samples: ``X`` = its non-zero samples; if ``X`` is
-    not empty, every sample becomes ``w_q = argmin_{x in X} |x - E[X]|`` (first one on ties); an
+    not empty, every sample becomes ``w_q = argmin_{x in X} |x - E[X]|`` (the first one on ties, within
+    a relative 1e-5, so that float rounding does not decide between two equally near samples); an
     all-zero window stays zero. The last window may be shorter. Gradients flow to the held samples.
     """
     window = int(window)
@@ -54,7 +55,10 @@ def sample_and_hold(x: torch.Tensor, window: int) -> torch.Tensor:
         count = nz.sum(-1, keepdim=True)
         mean = (w * nz).sum(-1, keepdim=True) / count.clamp(min=1)  # E[X], non-zero samples only
         dist = torch.where(nz, (w - mean).abs(), torch.full_like(w, math.inf))
-        q = dist.argmin(-1, keepdim=True)  # (B, K, 1); all-zero window -> index 0, a zero
+        # ties (e.g. two non-zero samples are always equally far from their mean) go to the first
+        # sample, also when rounding makes the later one look a hair closer
+        near = dist <= dist.min(-1, keepdim=True).values * (1 + 1e-5) + 1e-7 * mean.abs()
+        q = near.to(torch.uint8).argmax(-1, keepdim=True)  # (B, K, 1); all-zero window -> index 0, a zero
     held = w.gather(-1, q).expand_as(w)
     return held.reshape(b, -1)[:, :length].reshape(x.shape)
 
