@@ -155,15 +155,16 @@ def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_
     return correct / max(1, len(x))
 
 
-def attribute_attack(
-    train_x: torch.Tensor, train_z: torch.Tensor, test_x: torch.Tensor, test_z: torch.Tensor, num_classes: int, *, epochs: int = 5, seed: int = 0
-) -> float:
-    """Secondary-attribute attack: a CNN trained on obfuscated records -> z, scored on obfuscated test
-    records. (A simple stand-in until ``veil.evaluation`` provides the shared attacker.)"""
-    torch.manual_seed(seed)
-    attacker = create_model("cnn", tuple(train_x.shape[1:]), num_classes)
-    fit_records(attacker, train_x, train_z, epochs=epochs, batch_size=128, lr=1e-3, seed=seed, log=lambda s: None, name="attacker")
-    return model_accuracy(attacker, test_x, test_z)
+def attack_obfuscated_part(defense: Defense, rest: Split, val: Split, test: Split, task: Task, *, epochs: int, seed: int) -> dict[str, Any]:
+    """Privacy of the obfuscated part: :func:`veil.evaluation.attack.attack_exposure` at the training
+    exposure (hard selection), its attackers trained on SL-p's obfuscations of the (100 - p)% records,
+    early-stopped on obfuscated validation records and scored on obfuscated test records."""
+    from veil.evaluation.attack import AttackConfig, attack_exposure
+
+    view = Task(task.name, rest, val, test, task.num_primary, task.num_secondary)
+    cfg = AttackConfig(attackers=("linear", "cnn"), epochs=epochs, patience=max(1, min(3, epochs)), views=1, averaging_k=0, exposures=("training",), seed=seed)
+    res = attack_exposure(defense, view, "training", cfg, log=lambda s: None)
+    return {"attack_acc": res["attack_acc"], "attacker": res["best"], "attack_acc_max_over_attackers": res["attack_acc_max_over_attackers"], "attack_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}}
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -180,7 +181,8 @@ class IncrementalConfig:
         screen_mode: ``rect`` (one rectangle) or ``pixel`` (independent pixels).
         clean_epochs: Epochs of NN-p on the p% clean records. obfuscator_epochs: Epochs of SL-p (shared
             among the defense's stages). resume_epochs: Epochs of NN'-p on clean + obfuscated records.
-        attack_epochs: Epochs of the secondary-attribute attacker (0: skip the attack).
+        attack_epochs: Most epochs of each secondary-attribute attacker (linear and CNN from
+            :mod:`veil.evaluation.attack`, early-stopped on obfuscated validation records; 0: no attack).
         batch_size, lr, seed: Training settings. train_size: Keep only this many training records.
         eval_size: Evaluate on at most this many validation/test records (None: all).
     """
@@ -347,10 +349,10 @@ def run_incremental(
                 "test_acc_training_exposure": model_accuracy(nn_prime, test_obf, test.y),
                 "val_acc_clean": model_accuracy(nn_prime, val.x, val.y),
             },
-            "privacy": {"primary_only_floor": floor, "chance": 1.0 / task.num_secondary},
+            "privacy": {"exposure": "training", "primary_only_floor": floor, "majority_floor": task.majority_floor(), "chance": 1.0 / task.num_secondary},
         }
         if config.attack_epochs and len(rest) >= 10:
-            rec["privacy"]["attack_acc"] = attribute_attack(obf, rest.z, test_obf, test.z, task.num_secondary, epochs=config.attack_epochs, seed=config.seed + 4)
+            rec["privacy"].update(attack_obfuscated_part(defense, rest, val, test, task, epochs=config.attack_epochs, seed=config.seed + 4))
         rec["seconds"] = round(time.time() - t0, 2)
         log(f"== p = {p}%: NN-p {rec['nn_p']['test_acc_clean']:.4f}, NN'-p {rec['nn_prime_p']['test_acc_clean']:.4f} (clean test), "
             f"attack {rec['privacy'].get('attack_acc', float('nan')):.4f} vs floor {floor:.4f}  ({rec['seconds']}s)")
@@ -378,7 +380,7 @@ def _finish(config: IncrementalConfig, out: Path, steps: list[dict[str, Any]], r
             tmp.write_bytes((last / name).read_bytes())
     result = {
         "config": config.to_dict(),
-        "exposure": "NN-p: clean test records; NN'-p: clean test records and test records obfuscated by SL-p with hard selection (training exposure); privacy: attacker trained on the obfuscated (100-p)% and scored on obfuscated test records",
+        "exposure": "NN-p: clean test records; NN'-p: clean test records and test records obfuscated by SL-p with hard selection (training exposure); privacy: veil.evaluation attackers (linear, CNN) trained on SL-p obfuscations of the (100-p)% records (training exposure), scored on obfuscated test records",
         "target_metric": "NN'-p accuracy on the clean validation split",
         "reached_target": bool(reached),
         "final_p": steps[-1]["p"],
