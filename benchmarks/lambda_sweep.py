@@ -31,6 +31,7 @@ import torch
 
 from veil.data.tasks import load_task
 from veil.evaluation.attack import AttackConfig, attack_exposure
+from veil.layers import AdaptiveSelection
 from veil.io import atomic_path, write_csv, write_json
 from veil.training import TrainConfig, build, client_cost, fit
 from veil.training.run import evaluate_primary
@@ -50,7 +51,7 @@ def sweep_point(config: TrainConfig, task, attack: AttackConfig) -> dict:
     stats = defense.noise_stats(task.test.x) if hasattr(defense, "noise_stats") else {}
     row.update({f"noise_{k}": v for k, v in stats.items()})
     sel = getattr(defense, "selector", None)
-    if sel is not None and hasattr(sel, "logits"):
+    if isinstance(sel, AdaptiveSelection):
         with torch.no_grad():
             row["selector_acc"] = float((sel.logits(task.test.x).argmax(1) == task.test.y).float().mean())
     layer = getattr(defense, "layer", None)

@@ -23,8 +23,10 @@ were applied and fails on soft-selected ones) is closed in two ways:
 
 * joint training (``training="joint"``) mixes modes inside every batch: a random ``hard_fraction`` of the
   records is hard-selected by label, the rest goes through the selector, so the server learns both;
-* two-stage training (``training="twostage"``: stage ``hard`` then stage ``soft``, seed §3.1) keeps the
-  server training in the soft stage while the selector learns with the SCNL frozen.
+* two-stage training (``training="twostage"``: stage ``hard`` then stage ``soft``, seed §3.1) mixes the
+  same way in the hard stage (the frozen, untrained selector gives an even mixture of the class kernels,
+  which forces the kernels to keep the content readable) and keeps the server training in the soft stage
+  while the selector learns with the SCNL frozen.
 
 With the adaptive selector and a known label (training), ``penalty()`` also carries
 ``selector_weight * cross_entropy(selector logits, y)``: the client supervises its own selector with the
@@ -81,7 +83,7 @@ class SCNLDefense(Defense):
         kernel_size: Conv kernel size (odd).
         bound: |mean| (and |logit|) bound of the layer's output distribution.
         min_scale: Lower bound of the scale.
-        init_scale: Initial scale of the additive layer.
+        init_scale: Initial noise scale (additive and conv layers; the conv layer starts as x + noise).
         temperature: Relaxation temperature of the discrete distributions.
         trials: Number of trials of binomial/multinomial.
         soft_share: Share of the epochs given to the ``soft`` stage in two-stage training.
@@ -187,7 +189,7 @@ class SCNLDefense(Defense):
             out_shape = self.input_shape
         elif o["layer"] == "conv":
             co = int(o["out_channels"] or c)
-            layer = SCNLConv2d(c, co, int(o["kernel_size"]), self.num_classes, o["distribution"], incarnation=o["incarnation"], **dist)
+            layer = SCNLConv2d(c, co, int(o["kernel_size"]), self.num_classes, o["distribution"], incarnation=o["incarnation"], init="identity", init_scale=float(o["init_scale"]), **dist)
             out_shape = (co, h, w)
         else:
             d = c * h * w
@@ -230,14 +232,15 @@ class SCNLDefense(Defense):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Client side. x (B, *input_shape) [+ y (B,) int64] -> h (B, *output_shape), a fresh sample.
 
-        With y: hard selection (in training mode, joint training hard-selects a random ``hard_fraction``
-        of the batch and sends the rest through the selector). Without y: the selector (inference).
+        With y: hard selection (in training mode a random ``hard_fraction`` of the batch is hard-selected
+        and the rest goes through the selector, in the joint and the hard stage alike, so that the server
+        never learns to rely on the class fingerprint alone). Without y: the selector (inference).
         """
         self.check_input(x, y)
         xin = x.flatten(1) if self.options["layer"] == "linear" else x
         b = x.shape[0]
         sel_logits = None
-        mixing = y is not None and self.training and self._stage != "hard" and self.options["training"] == "joint"
+        mixing = y is not None and self.training and float(self.options["hard_fraction"]) < 1
         if y is not None and not mixing:
             raw = self.layer.raw(xin, y)  # hard selection: only the selected class's kernels
         else:

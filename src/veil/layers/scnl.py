@@ -162,9 +162,13 @@ class SCNLConv2d(SCNLBase):
         incarnation: str = "input",
         selector: nn.Module | None = None,
         bias: bool = True,
+        init: str = "default",
+        init_scale: float = 0.5,
         **dist_options: float,
     ) -> None:
         super().__init__(num_classes, distribution, incarnation=incarnation, selector=selector, **dist_options)
+        if init not in ("default", "identity"):
+            raise ValueError(f"init must be 'default' or 'identity', got {init!r}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number ('same' padding), got {kernel_size!r}")
         if in_channels < 1 or out_channels < 1:
@@ -175,6 +179,26 @@ class SCNLConv2d(SCNLBase):
         self.weight = nn.Parameter(torch.empty(self.num_classes, po, self.in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(self.num_classes, po)) if bias else None
         _init_per_class(self.weight, self.bias, self.in_channels * kernel_size * kernel_size)
+        if init == "identity":
+            self._identity_init(init_scale)
+
+    @torch.no_grad()
+    def _identity_init(self, init_scale: float) -> None:
+        """Every class starts as ``h = x + init_scale * eps`` (Dirac mean kernels, constant scale) plus a
+        small random part: the content is readable under any selection from the first step, so the
+        server is not first taught to read the class fingerprint alone (DESIGN part 1)."""
+        if not init_scale > self.distribution.min_scale:
+            raise ValueError(f"init_scale must exceed min_scale {self.distribution.min_scale}, got {init_scale!r}")
+        self.weight.mul_(0.05)
+        co = self.out_channels
+        for c in range(self.num_classes):
+            dirac = torch.empty(co, self.in_channels, self.kernel_size, self.kernel_size)
+            nn.init.dirac_(dirac)
+            self.weight[c, :co] += dirac
+        if self.bias is not None:
+            self.bias.zero_()
+            if self.num_params > 1:
+                self.bias[:, co:] = math.log(math.expm1(init_scale - self.distribution.min_scale))
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
