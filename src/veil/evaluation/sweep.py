@@ -8,6 +8,7 @@ arguments, skips runs whose ``privacy.json`` is there (``train_run`` resumes unf
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -154,7 +155,7 @@ def sweep(
         done = folder / PRIVACY_FILE
         if done.exists():
             old = read_json(done)
-            if old.get("evaluation_config") == evaluation.to_dict() and old.get("train_config") == config.to_dict():
+            if old.get("evaluation_config") == _as_json(evaluation.to_dict()) and old.get("train_config") == _as_json(config.to_dict()):
                 log(f"[sweep] {folder}: already evaluated, skipped ({i + 1}/{len(values)})")
                 results.append(old)
                 continue
@@ -165,6 +166,11 @@ def sweep(
         train_run(config, folder, task=loaded, log=log)
         results.append(evaluate_run(folder, evaluation, task=loaded, log=log))
     return results
+
+
+def _as_json(obj: Any) -> Any:
+    """``obj`` as it reads back from a JSON file (tuples become lists), for comparing saved configs."""
+    return json.loads(json.dumps(obj))
 
 
 def parse_knobs(text: str) -> list[float | None]:

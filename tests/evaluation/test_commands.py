@@ -1,0 +1,106 @@
+"""evaluate / sweep / report write their files; an interrupted sweep resumes without redoing finished runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from veil.cli import app
+from veil.evaluation import sweep as sweep_module
+from veil.evaluation.report import report
+from veil.evaluation.sweep import parse_knobs, run_dir
+
+runner = CliRunner()
+
+
+class Interrupted(Exception):
+    """Stands for a kill in the middle of a sweep."""
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long error lines
+TINY = ["--attack-epochs", "2", "--patience", "1", "--attackers", "linear,mlp", "--views", "1", "--averaging-k", "2",
+        "--recon-epochs", "1", "--mi-samples", "100", "--mi-dims", "2"]
+
+
+def invoke(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_evaluate_writes_privacy_json(tmp_path):
+    run = tmp_path / "run"
+    invoke(["train", "--task", "digits-lt5", "--defense", "gaussian", "--lambda", "0.5", "--epochs", "1", "--train-size", "300", "--out", run])
+    invoke(["evaluate", run, *TINY])
+    p = json.loads((run / "privacy.json").read_text())
+    for key in ("primary_acc", "primary_acc_training_exposure", "attack_acc", "attack_acc_training", "majority_floor",
+                "primary_only_floor", "averaging_attack_acc", "client_flops_share", "mi", "reconstruction", "evaluation_config"):
+        assert key in p, key
+    assert set(p["attack"]["inference"]["attackers"]) == {"linear", "mlp"}
+    assert p["evaluation_config"]["attack"]["epochs"] == 2 and p["mi"]["config"]["samples"] == 100
+    assert p["knob"] == "sigma" and p["knob_value"] == 0.5
+    assert (run / "reconstruction.png").exists()
+
+
+def test_sweep_resumes_after_interruption_and_report_draws_it(tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--task", "digits-lt5", "--defense", "gaussian", "--lambdas", "0,1", "--out", out, "--epochs", "1", "--train-size", "300", *TINY]
+    real = sweep_module.evaluate_run
+    calls = []
+
+    def crash_on_second(run, *a, **k):
+        calls.append(run)
+        if len(calls) == 2:
+            raise Interrupted("simulated interruption")
+        return real(run, *a, **k)
+
+    monkeypatch.setattr(sweep_module, "evaluate_run", crash_on_second)
+    result = runner.invoke(app, [str(a) for a in args])
+    assert isinstance(result.exception, Interrupted)
+    first, second = run_dir(out, "gaussian", 0.0), run_dir(out, "gaussian", 1.0)
+    assert (first / "privacy.json").exists() and not (second / "privacy.json").exists()
+    assert (second / "metrics.json").exists()  # training of the second run had finished
+    stamp = (first / "privacy.json").stat().st_mtime_ns
+
+    calls.clear()
+    monkeypatch.setattr(sweep_module, "evaluate_run", lambda run, *a, **k: (calls.append(run), real(run, *a, **k))[1])
+    invoke(args)
+    assert calls == [second]  # the finished run was skipped
+    assert (first / "privacy.json").stat().st_mtime_ns == stamp
+    assert (second / "privacy.json").exists()
+
+    rep = tmp_path / "report"
+    invoke(["report", out, "--out", rep])
+    for name in ("results.csv", "results.md", "tradeoff_attack_digits-lt5.png", "tradeoff_mi_digits-lt5.png"):
+        assert (rep / name).exists(), name
+    csv = (rep / "results.csv").read_text().splitlines()
+    assert len(csv) == 3 and csv[0].startswith("task,defense,knob,knob_value,primary_acc")
+    assert "primary-only floor" in (rep / "results.md").read_text()
+
+
+def test_defense_without_knob_makes_one_run(tmp_path):
+    res = sweep_module.sweep("digits-lt5", "none", [0.0, 1.0], tmp_path, train={"epochs": 1, "train_size": 200},
+                             evaluation=sweep_module.EvalConfig(
+                                 attack=sweep_module.AttackConfig(attackers=("linear",), epochs=1, patience=1, views=1, averaging_k=0),
+                                 reconstruction=None, mi=None),
+                             log=lambda s: None)
+    assert len(res) == 1 and (tmp_path / "none" / "knob=default" / "privacy.json").exists()
+    assert res[0]["mi"] is None and res[0]["reconstruction"] is None
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(ValueError, match="'a'"):
+        parse_knobs("0,a")
+    with pytest.raises(ValueError, match="no knob values"):
+        parse_knobs(" , ")
+    with pytest.raises(ValueError, match="no privacy.json"):
+        report([tmp_path], tmp_path / "r")
+    with pytest.raises(ValueError, match="unknown defense 'nope'"):
+        sweep_module.sweep("digits-lt5", "nope", [1.0], tmp_path)
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "not a run folder" in flat(result.output)
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--attackers", "resnet"])
+    assert result.exit_code == 2 and "unknown attacker 'resnet'" in flat(result.output)
