@@ -11,6 +11,7 @@ import torch
 
 import veil.federated.client_app as client_app
 import veil.federated.server_app as server_app
+from veil.defenses import list_defenses
 from veil.federated.simulation import run_federated
 from veil.federated.task import FederatedConfig, client_data, load_federated_task, partition_indices
 from veil.io import load_weights
@@ -67,8 +68,9 @@ def _clean_records_seen(seen: list[torch.Tensor], config: FederatedConfig) -> in
     return hits
 
 
-def test_client_engine_receives_only_obfuscated_records(tmp_path, monkeypatch):
-    config = _config(rounds=1, local_epochs=1)
+@pytest.mark.parametrize("defense", ["gaussian"] + (["scnl"] if "scnl" in list_defenses() else []))
+def test_client_engine_receives_only_obfuscated_records(tmp_path, monkeypatch, defense):
+    config = _config(rounds=1, local_epochs=1, defense=defense, obfuscator_epochs=1)
     seen = _watch_first_layer(monkeypatch, config)
     run_federated(config, tmp_path / "obf", **QUIET)
     assert sum(len(b) for b in seen) == len(load_federated_task(config).train)  # every record, once

@@ -49,7 +49,8 @@ class FederatedConfig:
         partition: ``iid`` or ``noniid`` (label skew: per-client shares of each secondary class, e.g.
             each digit, drawn from Dirichlet(``alpha``)).
         alpha: Dirichlet concentration for ``noniid`` (smaller = more skewed).
-        defense: Client obfuscator (``none`` trains on clean records: the baseline).
+        defense: Client obfuscator (default ``scnl`` once registered, else ``gaussian``; ``none`` trains
+            on clean records: the baseline).
         knob, defense_options: The defense's knob value and other options.
         obfuscator: Path of a shared pre-trained obfuscator (safetensors from ``veil train``); None:
             each client trains its own on ``trusted_fraction`` of its records.
@@ -68,7 +69,7 @@ class FederatedConfig:
     rounds: int = 3
     partition: str = "iid"
     alpha: float = 0.5
-    defense: str = "gaussian"
+    defense: str = dataclasses.field(default_factory=default_defense)
     knob: float | None = None
     defense_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     obfuscator: str | None = None
@@ -132,12 +133,6 @@ class FederatedConfig:
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":
         return cls.from_dict(json.loads(text))
-
-
-def with_default_defense(**kw: Any) -> FederatedConfig:
-    """A config whose defense defaults to ``scnl`` once it exists (else ``gaussian``)."""
-    kw.setdefault("defense", default_defense())
-    return FederatedConfig(**kw)
 
 
 # ----------------------------------------------------------------------------------------- data

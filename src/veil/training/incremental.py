@@ -188,7 +188,7 @@ class IncrementalConfig:
     """
 
     task: str = "digits-lt5"
-    defense: str = "gaussian"
+    defense: str = dataclasses.field(default_factory=default_defense)
     knob: float | None = None
     defense_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     model: str = "cnn"
