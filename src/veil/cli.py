@@ -120,7 +120,7 @@ def demo(
     results = {}
     for defense in ("none", "scnl"):
         console.print(f"[bold]training with defense '{defense}'[/]")
-        results[defense] = train_run(TrainConfig(task="digits-lt5", defense=defense, epochs=epochs), out / defense)
+        results[defense] = train_run(TrainConfig(task="digits-lt5", defense=defense, epochs=epochs, batch_size=32), out / defense)
     table = Table(title="veil demo: digits-lt5 (primary: digit < 5), test split")
     for col in ("defense", "primary acc (inference)", "primary acc (training exposure)", "client FLOPs / server FLOPs"):
         table.add_column(col)
