@@ -21,8 +21,9 @@ server model). Training follows §4.3 in two stages of the one veil loop:
    uncorrelated assumption.
 2. ``finetune``: on entering, the SVD of the (now frozen) ``W`` is computed and stored as buffers; the
    obfuscation is on, and in training mode a random share of the signal content is removed from
-   ``removal_prob`` of the batches ("various fractions of the signal content are removed", §4.3), so the
-   server model is robust to the client's choice of ``m'``. The client block keeps training.
+   ``removal_prob`` of the batches ("various fractions of the signal content are removed", §4.3; m' drawn
+   log-uniformly in [1, r]), so the server model is robust to the client's choice of ``m'``. The client
+   block keeps training.
 
 Not implemented from §4.3: forcing ``z`` towards a Gaussian with a VAE; the removal of signal content is
 applied at the split layer only (not "one layer at a time" across every layer of the network).
@@ -231,7 +232,8 @@ class SVDObfuscation(Defense):
         k = self.kept()
         if self.training and self._stage == "finetune" and self.removal_prob > 0:
             if float(torch.rand(())) < self.removal_prob:  # remove a random share of the signal content
-                k = int(torch.randint(1, self.rank + 1, ()))
+                # log-uniform m' in [1, r]: small m' (the private settings) are trained as often as large
+                k = max(1, min(self.rank, round(math.exp(float(torch.rand(())) * math.log(self.rank)))))
         self.last_kept = torch.full((len(z),), k, dtype=torch.int64)
         return z @ self.basis[:k].T  # (B, m'): the client computes only the m' coefficients it sends
 
