@@ -53,6 +53,8 @@ class AttackConfig:
         weight_decay: AdamW weight decay.
         train_size: Obfuscated training records the attacker uses (``None``: the whole train split).
         val_size: Obfuscated validation records for early stopping (``None``: the whole val split).
+        test_size: Obfuscated test records scored (``None``: the whole test split).
+        width: Channels of the first conv layer of the CNN attackers (doubling per block).
         views: Independent obfuscations of the training set, cycled over epochs (fresh noise, as an
             attacker holding the obfuscator can draw); 1 = one fixed obfuscated copy.
         averaging_k: Copies averaged by the averaging attack (0 or 1 turns it off).
@@ -68,6 +70,8 @@ class AttackConfig:
     weight_decay: float = 1e-4
     train_size: int | None = None
     val_size: int | None = None
+    test_size: int | None = None
+    width: int = 32
     views: int = 4
     averaging_k: int = 8
     exposures: tuple[str, ...] = EXPOSURES
@@ -80,14 +84,14 @@ class AttackConfig:
         for a in self.attackers:
             if a not in valid:
                 raise ValueError(f"unknown attacker {a!r}; valid: {', '.join(sorted(valid))}")
-        for name in ("epochs", "patience", "batch_size", "views"):
+        for name in ("epochs", "patience", "batch_size", "views", "width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        for name in ("train_size", "val_size"):
+        for name in ("train_size", "val_size", "test_size"):
             v = getattr(self, name)
             if v is not None and int(v) < 2:
                 raise ValueError(f"{name} must be >= 2 or None, got {v!r}")
@@ -108,14 +112,15 @@ def _conv_block(c_in: int, c_out: int, bn: bool) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1), *( [nn.BatchNorm2d(c_out)] if bn else []), nn.ReLU()]
 
 
-def build_attacker(name: str, message_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+def build_attacker(name: str, message_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.Module:
     """Attacker ``name`` for messages of ``message_shape`` ((C, H, W) or (m,)) -> (B, num_classes) logits.
 
     * ``linear``: multinomial logistic regression on the flattened message.
     * ``mlp``: two hidden layers (512, 256) with dropout.
     * ``mlp-bn``: three hidden layers with batch norm (vector messages).
-    * ``cnn``: two conv blocks (32, 64) and a 128-unit head (like the server's own model).
-    * ``cnn-bn``: three double-conv blocks (32, 64, 128) with batch norm, pooling while the map is >= 4.
+    * ``cnn``: two conv blocks (``width``, 2 ``width``) and a 128-unit head (like the server's own model).
+    * ``cnn-bn``: three double-conv blocks (``width`` x 1, 2, 4) with batch norm, pooling while the map
+      is >= 4 wide.
     """
     d = int(np.prod(message_shape))
     if name == "linear":
@@ -138,7 +143,7 @@ def build_attacker(name: str, message_shape: tuple[int, ...], num_classes: int) 
     if name == "cnn":
         layers: list[nn.Module] = []
         size = min(h, w)
-        for c_in, c_out in ((c, 32), (32, 64)):
+        for c_in, c_out in ((c, width), (width, 2 * width)):
             layers += _conv_block(c_in, c_out, bn=False)
             if size >= 4:
                 layers.append(nn.MaxPool2d(2))
@@ -147,12 +152,12 @@ def build_attacker(name: str, message_shape: tuple[int, ...], num_classes: int) 
     if name == "cnn-bn":
         layers = []
         size = min(h, w)
-        for c_in, c_out in ((c, 32), (32, 64), (64, 128)):
+        for c_in, c_out in ((c, width), (width, 2 * width), (2 * width, 4 * width)):
             layers += _conv_block(c_in, c_out, bn=True) + _conv_block(c_out, c_out, bn=True)
             if size >= 4:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes))
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 256), nn.ReLU(), nn.Dropout(0.3), nn.Linear(256, num_classes))
     raise ValueError(f"unknown attacker {name!r}; valid: {', '.join(sorted(set(IMAGE_ATTACKERS) | set(VECTOR_ATTACKERS)))}")
 
 
@@ -223,7 +228,7 @@ def train_attacker(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     seed_everything(config.seed)
     shape = tuple(train_views[0].shape[1:])
-    net = build_attacker(name, shape, num_classes)
+    net = build_attacker(name, shape, num_classes, config.width)
     model = nn.Sequential(Standardize(train_views[0]), net)
     with torch.no_grad():
         model.eval()
@@ -321,7 +326,7 @@ def attack_exposure(
         raise ValueError(f"unknown exposure {exposure!r}; valid: {', '.join(EXPOSURES)}")
     tr = _subset(task.train, config.train_size, config.seed)
     va = _subset(task.val, config.val_size, config.seed + 1)
-    te = task.test
+    te = _subset(task.test, config.test_size, config.seed + 2)
     seed_everything(config.seed + 7)
     views = [_messages(defense, tr, exposure) for _ in range(config.views)]
     m_val, m_test = _messages(defense, va, exposure), _messages(defense, te, exposure)

@@ -20,6 +20,9 @@ _err = Console(stderr=True)
 _ATTACK_EPOCHS = typer.Option(40, "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
 _PATIENCE = typer.Option(6, "--patience", min=1, help="Attacker early-stopping patience (epochs without a better validation accuracy).")
 _ATTACK_TRAIN = typer.Option(None, "--attack-train-size", min=2, help="Obfuscated training records the attacker uses (default: the run's whole train split).")
+_ATTACK_TEST = typer.Option(None, "--attack-test-size", min=2, help="Obfuscated test records scored by the attacks (default: the whole test split).")
+_ATTACK_WIDTH = typer.Option(32, "--attack-width", min=1, help="Channels of the CNN attackers' first layer (doubling per block).")
+_RECON_WIDTH = typer.Option(64, "--recon-width", min=1, help="Channels of the reconstruction decoder.")
 _ATTACKERS = typer.Option("linear,mlp,cnn,cnn-bn", "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages).")
 _VIEWS = typer.Option(4, "--views", min=1, help="Fresh obfuscations of the attacker's training set, cycled over epochs.")
 _AVG_K = typer.Option(8, "--averaging-k", min=0, help="Copies averaged by the averaging attack (0 or 1: off).")
@@ -43,11 +46,14 @@ def build_eval_config(
     attack_epochs: int = 40,
     patience: int = 6,
     attack_train_size: Optional[int] = None,
+    attack_test_size: Optional[int] = None,
+    attack_width: int = 32,
     attackers: str = "linear,mlp,cnn,cnn-bn",
     views: int = 4,
     averaging_k: int = 8,
     exposures: str = ",".join(EXPOSURES),
     recon_epochs: int = 30,
+    recon_width: int = 64,
     mi_dims: int = 8,
     mi_k: int = 3,
     mi_samples: int = 2000,
@@ -61,9 +67,11 @@ def build_eval_config(
 
     attack = AttackConfig(
         attackers=_split(attackers, "--attackers"), epochs=attack_epochs, patience=patience, train_size=attack_train_size,
-        views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
+        test_size=attack_test_size, width=attack_width, views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
     )
-    recon = None if recon_epochs == 0 else ReconstructionConfig(epochs=recon_epochs, patience=min(5, recon_epochs), train_size=attack_train_size, seed=eval_seed)
+    recon = None if recon_epochs == 0 else ReconstructionConfig(
+        epochs=recon_epochs, patience=min(5, recon_epochs), width=recon_width, train_size=attack_train_size, test_size=attack_test_size, seed=eval_seed
+    )
     mi = None if mi_dims == 0 else MIConfig(dims=mi_dims, k=mi_k, samples=mi_samples, seed=eval_seed)
     return EvalConfig(attack=attack, reconstruction=recon, mi=mi)
 
@@ -87,11 +95,14 @@ def evaluate_cmd(
     attack_epochs: int = _ATTACK_EPOCHS,
     patience: int = _PATIENCE,
     attack_train_size: Optional[int] = _ATTACK_TRAIN,
+    attack_test_size: Optional[int] = _ATTACK_TEST,
+    attack_width: int = _ATTACK_WIDTH,
     attackers: str = _ATTACKERS,
     views: int = _VIEWS,
     averaging_k: int = _AVG_K,
     exposures: str = _EXPOSURES,
     recon_epochs: int = _RECON_EPOCHS,
+    recon_width: int = _RECON_WIDTH,
     mi_dims: int = _MI_DIMS,
     mi_k: int = _MI_K,
     mi_samples: int = _MI_SAMPLES,
@@ -102,6 +113,7 @@ def evaluate_cmd(
 
     try:
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
+                                   attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed)
         result = evaluate_run(run, config)
@@ -125,11 +137,14 @@ def sweep_cmd(
     attack_epochs: int = _ATTACK_EPOCHS,
     patience: int = _PATIENCE,
     attack_train_size: Optional[int] = _ATTACK_TRAIN,
+    attack_test_size: Optional[int] = _ATTACK_TEST,
+    attack_width: int = _ATTACK_WIDTH,
     attackers: str = _ATTACKERS,
     views: int = _VIEWS,
     averaging_k: int = _AVG_K,
     exposures: str = _EXPOSURES,
     recon_epochs: int = _RECON_EPOCHS,
+    recon_width: int = _RECON_WIDTH,
     mi_dims: int = _MI_DIMS,
     mi_k: int = _MI_K,
     mi_samples: int = _MI_SAMPLES,
@@ -141,6 +156,7 @@ def sweep_cmd(
 
     try:
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
+                                   attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed)
         train = {"epochs": epochs, "train_size": train_size, "model": model, "batch_size": batch_size, "lr": lr, "seed": seed,

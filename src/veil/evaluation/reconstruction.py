@@ -42,6 +42,7 @@ class ReconstructionConfig:
         lr: Adam learning rate.
         width: Channels of the convolutional decoder.
         train_size: Training records used (``None``: the whole train split).
+        test_size: Test records scored (``None``: the whole test split).
         exposure: ``inference`` or ``training``.
         grid_records: Test records drawn in the PNG grid.
         seed: Seed of initialisation, order and noise.
@@ -53,6 +54,7 @@ class ReconstructionConfig:
     lr: float = 1e-3
     width: int = 64
     train_size: int | None = None
+    test_size: int | None = None
     exposure: str = "inference"
     grid_records: int = 8
     seed: int = 0
@@ -63,8 +65,10 @@ class ReconstructionConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.train_size is not None and self.train_size < 2:
-            raise ValueError(f"train_size must be >= 2 or None, got {self.train_size!r}")
+        for name in ("train_size", "test_size"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                raise ValueError(f"{name} must be >= 2 or None, got {v!r}")
         if self.exposure not in EXPOSURES:
             raise ValueError(f"unknown exposure {self.exposure!r}; valid: {', '.join(EXPOSURES)}")
 
@@ -154,14 +158,15 @@ def reconstruction_attack(
     config = config or ReconstructionConfig()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     tr = _subset(task.train, config.train_size, config.seed)
-    va, te = task.val, task.test
+    va, te = _subset(task.val, config.test_size, config.seed + 1), _subset(task.test, config.test_size, config.seed + 2)
     seed_everything(config.seed + 13)
     m_tr, m_va, m_te = (_messages(defense, s, config.exposure) for s in (tr, va, te))
     x_tr = tr.x
     lo, hi = float(x_tr.min()), float(x_tr.max())
     data_range = (hi - lo) or 1.0
     decoder = build_decoder(tuple(m_tr.shape[1:]), task.input_shape, config.width)
-    model = nn.Sequential(Standardize(m_tr), decoder)
+    # predict the residual over the mean training record, so the decoder starts at the baseline
+    model = nn.Sequential(Standardize(m_tr), decoder, _AddMean(x_tr.mean(0)))
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     best, best_state, best_epoch, stall, t0, epoch = math.inf, None, 0, 0, time.time(), 0
@@ -216,6 +221,15 @@ def reconstruction_attack(
         save_grid(grid_path, orig[:n], m_te[:n].numpy(), rec[:n], title=f"{defense.name}: PSNR {psnr:.1f} dB, SSIM {ssim:.2f}")
         out["grid"] = str(grid_path)
     return out
+
+
+class _AddMean(nn.Module):
+    def __init__(self, mean: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mean
 
 
 @torch.no_grad()

@@ -1,0 +1,211 @@
+"""Headline comparison: every defense registered in veil, over its knob range, against the same attackers.
+
+For each task (mnist-lt5, fashion-lt5) and each defense in ``veil.defenses.list_defenses()`` (no defense,
+fixed Gaussian noise, the SCNL variants, ANI, Cloak, Shredder, SVD, sample-and-hold, and whatever else is
+registered when it runs), at each knob value of ``KNOBS``: train the defense with the server model
+(``veil.training.train_run``), then evaluate it (``veil.evaluation.sweep.evaluate_run``): the best of four
+retrained attackers (linear, MLP, CNN, CNN with batch norm; early-stopped on obfuscated validation
+records, scored on obfuscated test records) at both points of exposure, the averaging attack, KSG mutual
+information, the reconstruction attack, client FLOPs share. Then draw the trade-off curves and tables.
+
+Sized for this 2-core CPU (one thread, under two hours for both tasks at the defaults; progress and ETA
+on stderr). The run is resumable: rerun the same command and finished runs are skipped.
+
+    nice .venv/bin/python benchmarks/headline.py                      # the full comparison
+    nice .venv/bin/python benchmarks/headline.py --tasks mnist-lt5 --defenses none,gaussian,scnl
+    nice .venv/bin/python benchmarks/headline.py --knobs gaussian=0.5,2 --knobs scnl=0,3
+    nice .venv/bin/python benchmarks/headline.py --tiny --out /tmp/headline   # a 2-minute smoke test
+
+Writes OUT/runs/TASK/DEFENSE/knob=VALUE/ (run folders with privacy.json), OUT/results.{csv,md},
+OUT/tradeoff_*.png, OUT/headline.json (settings, timings, failures) and OUT/README.md (the exact command).
+The default OUT is benchmarks/results/headline/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from veil.defenses import defense_class, list_defenses
+from veil.evaluation.attack import AttackConfig
+from veil.evaluation.mutual_information import MIConfig
+from veil.evaluation.reconstruction import ReconstructionConfig
+from veil.evaluation.report import markdown_table, report
+from veil.evaluation.sweep import EvalConfig, parse_knobs, sweep
+from veil.io import write_bytes, write_json
+
+TASKS = ("mnist-lt5", "fashion-lt5")
+
+#: Knob values per defense, from the least to the most private end (the method's own direction).
+#: A defense registered later and missing here runs once at its default knob.
+KNOBS: dict[str, list[float | None]] = {
+    "none": [None],
+    "gaussian": [0.25, 0.5, 1.0],  # sigma on [0, 1] pixels
+    "scnl": [0.0, 1.0, 10.0],  # lambda_: weight of the VIB charge KL(q(h|x) || prior)
+    "scnl-adaptive": [0.0, 1.0, 10.0],
+    "scnl-joint": [0.0, 1.0, 10.0],
+    "scnl-twostage": [0.0, 1.0, 10.0],
+    "ani": [1e-4, 1e-3, 1e-2],  # lambda_ of Eq. 24 (default 1e-3)
+    "cloak": [0.01, 0.1, 0.5],  # lambda_ of Eq. 3 (default 0.1)
+    "shredder": [0.01, 0.05, 0.5],  # lambda_ (default 0.05)
+    "svd": [1.0, 0.3, 0.1],  # keep: share of signal content kept (smaller = more private)
+    "svd-bounded": [0.1, 0.3, 0.6],  # epsilon: distortion budget
+    "sample-and-hold": [0.0, 0.5, 0.9],  # gamma: degree of sanitization
+}
+
+#: Settings that fit both tasks, every registered defense and 3 knobs each in under two hours here.
+FULL = dict(
+    train_size=4000, epochs=3,
+    attack=dict(epochs=12, patience=3, train_size=3000, val_size=1000, test_size=2000, width=16, views=2, averaging_k=4),
+    recon=dict(epochs=8, patience=3, width=16, train_size=3000, test_size=1000),
+    mi=dict(samples=1000, dims=8, k=3, pca_fit_size=3000),
+)
+#: A smoke test of the whole pipeline (minutes): tiny sizes, weak attackers. Not a result.
+TINY = dict(
+    train_size=400, epochs=1,
+    attack=dict(epochs=3, patience=2, train_size=300, val_size=200, test_size=300, width=8, views=1, averaging_k=2),
+    recon=dict(epochs=2, patience=2, width=8, train_size=300, test_size=200),
+    mi=dict(samples=200, dims=4, k=3, pca_fit_size=300),
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated tasks (default: {','.join(TASKS)})")
+    p.add_argument("--defenses", default="all", help="comma-separated defenses, or 'all' (every registered one)")
+    p.add_argument("--knobs", action="append", default=[], metavar="DEFENSE=V1,V2", help="override a defense's knob values (repeatable)")
+    p.add_argument("--out", default="benchmarks/results/headline", help="output folder")
+    p.add_argument("--tiny", action="store_true", help="smoke-test sizes (minutes, not a result)")
+    p.add_argument("--train-size", type=int, help="training records per run (default 4000)")
+    p.add_argument("--epochs", type=int, help="training epochs per run (default 3)")
+    p.add_argument("--attack-epochs", type=int, help="most epochs per attacker (default 12, early stopping)")
+    p.add_argument("--attack-train-size", type=int, help="obfuscated training records per attacker (default 3000)")
+    p.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
+    return p.parse_args(argv)
+
+
+def settings(args: argparse.Namespace) -> dict:
+    s = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (TINY if args.tiny else FULL).items()}
+    if args.train_size is not None:
+        s["train_size"] = args.train_size
+    if args.epochs is not None:
+        s["epochs"] = args.epochs
+    if args.attack_epochs is not None:
+        s["attack"]["epochs"] = args.attack_epochs
+    if args.attack_train_size is not None:
+        s["attack"]["train_size"] = args.attack_train_size
+        s["recon"]["train_size"] = args.attack_train_size
+    return s
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, float | None]]:
+    """(task, defense, knob) for every run, in order."""
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    registered = list_defenses()
+    if args.defenses == "all":
+        defenses = registered
+    else:
+        defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+        for d in defenses:
+            defense_class(d)  # a clear error listing the valid names
+    knobs = {k: list(v) for k, v in KNOBS.items()}
+    for item in args.knobs:
+        if "=" not in item:
+            raise ValueError(f"--knobs takes DEFENSE=V1,V2, got {item!r}")
+        name, values = item.split("=", 1)
+        defense_class(name)
+        knobs[name] = parse_knobs(values)
+    runs = []
+    for task in tasks:
+        for d in defenses:
+            values = knobs.get(d)
+            if values is None:
+                log(f"note: no knob range for {d!r} in KNOBS; running it at its default knob")
+                values = [None]
+            if not defense_class(d).knob:
+                values = [None]
+            runs += [(task, d, k) for k in values]
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    torch.set_num_threads(1)
+    args = parse_args(argv)
+    s = settings(args)
+    runs = plan(args)
+    out = Path(args.out)
+    evaluation = EvalConfig(
+        attack=AttackConfig(seed=args.seed, **s["attack"]),
+        reconstruction=ReconstructionConfig(seed=args.seed, **s["recon"]),
+        mi=MIConfig(seed=args.seed, **s["mi"]),
+    )
+    train = {"epochs": s["epochs"], "train_size": s["train_size"], "seed": args.seed}
+    command = "nice .venv/bin/python benchmarks/headline.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    log(f"headline: {len(runs)} runs ({', '.join(sorted({r[0] for r in runs}))}); output {out}")
+    t0, done_times, failures = time.time(), [], []
+    for i, (task, defense, knob) in enumerate(runs):
+        t_run = time.time()
+        folder = out / "runs" / task
+        log(f"== [{i + 1}/{len(runs)}] {task} {defense} knob={knob if knob is not None else 'default'}")
+        try:
+            sweep(task, defense, [knob], folder, train=train, evaluation=evaluation, log=log)
+        except Exception as err:  # one broken method must not lose a two-hour run
+            failures.append({"task": task, "defense": defense, "knob": knob, "error": f"{type(err).__name__}: {err}"})
+            log(f"!! {task} {defense} knob={knob} failed: {err}\n{traceback.format_exc()}")
+        took = time.time() - t_run
+        if took > 5:  # skipped (already finished) runs do not count towards the ETA
+            done_times.append(took)
+        left = len(runs) - i - 1
+        eta = left * (sum(done_times) / len(done_times)) if done_times else 0.0
+        log(f"== run took {took:.0f}s; elapsed {(time.time() - t0) / 60:.1f} min; ETA {eta / 60:.1f} min for {left} more")
+    info = report([out / "runs"], out) if any((out / "runs").rglob("privacy.json")) else {"rows": 0, "figures": []}
+    summary = {
+        "command": command,
+        "settings": {"train": train, "evaluation": evaluation.to_dict()},
+        "runs": [{"task": t, "defense": d, "knob": k} for t, d, k in runs],
+        "failures": failures,
+        "seconds": round(time.time() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    write_json(out / "headline.json", summary)
+    write_readme(out, command, s, summary, info)
+    log(f"headline: done in {(time.time() - t0) / 60:.1f} min; {len(failures)} failures; table {out / 'results.md'}")
+    return 1 if failures else 0
+
+
+def write_readme(out: Path, command: str, s: dict, summary: dict, info: dict) -> None:
+    from veil.evaluation.report import collect
+
+    rows = collect([out / "runs"]) if (out / "runs").exists() and info.get("rows") else []
+    lines = [
+        "# Headline comparison (generated by benchmarks/headline.py)\n",
+        "Regenerate (one thread, resumable; finished runs are skipped):\n",
+        f"```\n{command}\n```\n",
+        f"Settings: training {s['train_size']} records x {s['epochs']} epochs per run; attackers {s['attack']} "
+        f"(linear, MLP, CNN, CNN+BN; the reported attack accuracy is the test accuracy of the attacker with the "
+        f"best validation accuracy); reconstruction {s['recon']}; MI (KSG on PCA) {s['mi']}. "
+        f"Wall time {summary['seconds'] / 60:.1f} min.\n",
+        "Floors: majority class, and the best guess of the secondary label from the primary one "
+        "(no defense that keeps the primary task can push a sound attacker below it).\n",
+    ]
+    if summary["failures"]:
+        lines.append("\nFailures:\n" + "".join(f"- {f['task']} {f['defense']} knob={f['knob']}: {f['error']}\n" for f in summary["failures"]))
+    for f in info.get("figures", []):
+        lines.append(f"\n![{Path(f).stem}]({Path(f).name})\n")
+    if rows:
+        lines.append("\n" + markdown_table(rows))
+    write_bytes(out / "README.md", "".join(lines).encode())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
