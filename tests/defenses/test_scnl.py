@@ -116,3 +116,18 @@ def test_two_stage_inference_accuracy_is_well_above_chance(task):
     d, m = train(task, "scnl-twostage", 6, lambda_=0.0)
     acc = evaluate_primary(d, m, task)
     assert acc["primary_acc"] >= 0.7, acc
+
+
+def test_sharpen_sends_the_predicted_class_only():
+    """sharpen=True: at inference the selection is the one-hot of the selector's argmax, i.e. exactly
+    hard selection by the selector's prediction."""
+    torch.manual_seed(0)
+    d = create_defense("scnl", input_shape=SHAPE, num_classes=2, sharpen=True).eval()
+    x = torch.rand(8, *SHAPE)
+    pred = d.selector.logits(x).argmax(1)
+    state = torch.get_rng_state()
+    got = d.encode(x)
+    torch.set_rng_state(state)
+    torch.testing.assert_close(got, d.encode(x, pred))
+    with pytest.raises(ValueError, match="sharpen"):
+        create_defense("scnl", input_shape=SHAPE, num_classes=2, sharpen="yes")

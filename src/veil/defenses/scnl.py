@@ -89,6 +89,8 @@ class SCNLDefense(Defense):
         soft_share: Share of the epochs given to the ``soft`` stage in two-stage training.
         lr_scale: The client-side layers learn this many times faster than the server model
             (:func:`veil.layers.scnl.scale_learning_rate`), so that they converge within a few epochs.
+        sharpen: At inference (eval mode, no label) replace the adaptive selector's pi(x) by the one-hot
+            of its argmax, so the output reveals the predicted class but not the selector's confidence.
     """
 
     name: ClassVar[str] = "scnl-custom"
@@ -114,6 +116,7 @@ class SCNLDefense(Defense):
         "trials": 1,
         "soft_share": 0.5,
         "lr_scale": 5.0,
+        "sharpen": False,
     }
 
     def __init__(
@@ -139,6 +142,7 @@ class SCNLDefense(Defense):
         trials: int | None = None,
         soft_share: float | None = None,
         lr_scale: float | None = None,
+        sharpen: bool | None = None,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         given = dict(
@@ -146,7 +150,7 @@ class SCNLDefense(Defense):
             distribution=distribution, hard_fraction=hard_fraction, selector_weight=selector_weight,
             selector_width=selector_width, out_channels=out_channels, kernel_size=kernel_size, bound=bound,
             min_scale=min_scale, init_scale=init_scale, temperature=temperature, trials=trials, soft_share=soft_share,
-            lr_scale=lr_scale,
+            lr_scale=lr_scale, sharpen=sharpen,
         )
         o = {k: (self.DEFAULTS[k] if v is None else v) for k, v in given.items()}
         self._validate(o)
@@ -176,6 +180,8 @@ class SCNLDefense(Defense):
             raise ValueError(f"selector_weight must be >= 0, got {o['selector_weight']!r}")
         if o["training"] == "twostage" and not 0 < float(o["soft_share"]) < 1:
             raise ValueError(f"two-stage training needs 0 < soft_share < 1, got {o['soft_share']!r}")
+        if not isinstance(o["sharpen"], bool):
+            raise ValueError(f"sharpen must be true or false, got {o['sharpen']!r}")
         if not (isinstance(o["lr_scale"], (int, float)) and o["lr_scale"] > 0):
             raise ValueError(f"lr_scale must be a number > 0, got {o['lr_scale']!r}")
         if o["out_channels"] is not None and int(o["out_channels"]) < 1:
@@ -277,6 +283,8 @@ class SCNLDefense(Defense):
     def _selection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if isinstance(self.selector, AdaptiveSelection):
             logits = self.selector.logits(x)
+            if self.options["sharpen"] and not self.training:
+                return F.one_hot(logits.argmax(1), self.num_classes).to(logits.dtype), logits
             return torch.softmax(logits, dim=1), logits
         return self.selector(x), None
 
