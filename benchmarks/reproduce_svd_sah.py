@@ -135,6 +135,7 @@ def effsan_by_layer(task, run: Path, args) -> list[dict]:
         rest = nn.Sequential(*layers[i:])
         probs = np.stack([probabilistic_accuracy(rest(sample_and_hold(ifm, n)), y).numpy() for n in windows], 1)  # (images, windows)
         effs = [sanitization_efficiency(p) for p in probs]
+        effs2 = [sanitization_efficiency(p, decimals=2) for p in probs]  # a coarser resolution, for comparison
         where = "client" if i < len(d.client) else "server"
         rows.append({
             "ifm_of": f"{where} layer {i} ({kind})",
@@ -143,6 +144,7 @@ def effsan_by_layer(task, run: Path, args) -> list[dict]:
             "eff_san_mean": float(np.mean(effs)),
             "eff_san_min": float(np.min(effs)),
             "eff_san_max": float(np.max(effs)),
+            "eff_san_mean_2_decimals": float(np.mean(effs2)),
             "p_clean": float(probabilistic_accuracy(rest(ifm), y).mean()),
             "p_at_window_2": float(probs[:, 0].mean()),
             "p_at_window_150": float(probs[:, -1].mean()),
