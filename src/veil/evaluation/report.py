@@ -84,21 +84,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str]], title: str, floors: bool) -> None:
+def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str, str]], title: str, floors: bool) -> None:
+    """One panel per (x key, y key, y label); one curve per defense, distinct colour and marker."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.8, 4.6), squeeze=False)
     defenses = sorted({r["defense"] for r in rows})
-    for ax, (key, label) in zip(axes[0], panels):
-        for name in defenses:
-            pts = [(r["primary_acc"], r[key], r["knob_value"]) for r in rows if r["defense"] == name and r.get(key) is not None and r.get("primary_acc") is not None]
+    colours = plt.get_cmap("tab20")
+    markers = "osD^vP*Xh<>p"
+    for ax, (xkey, key, label) in zip(axes[0], panels):
+        for j, name in enumerate(defenses):
+            pts = [(r[xkey], r[key], r["knob_value"]) for r in rows if r["defense"] == name and r.get(key) is not None and r.get(xkey) is not None]
             if not pts:
                 continue
             xs, ys, ks = zip(*pts)
-            (line,) = ax.plot(xs, ys, marker="o", label=name)
+            (line,) = ax.plot(xs, ys, marker=markers[j % len(markers)], color=colours(j % 20), label=name)
             for x, y, k in pts:
                 if k is not None:
                     ax.annotate(f"{k:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points", color=line.get_color())
@@ -109,12 +112,13 @@ def _plot(rows: list[dict[str, Any]], path: Path, panels: list[tuple[str, str]],
                 ax.axhline(max(prim), color="k", linestyle="--", linewidth=1, label="primary-only floor")
             if maj:
                 ax.axhline(max(maj), color="gray", linestyle=":", linewidth=1, label="majority floor")
-        ax.set_xlabel("primary accuracy (inference)")
+        ax.set_xlabel("primary accuracy (training exposure)" if xkey.endswith("training_exposure") else "primary accuracy (inference)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / (5.5 * len(panels) + 1.8), 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -137,9 +141,9 @@ def report(dirs: Iterable[str | Path], out: str | Path) -> dict[str, Any]:
         sub = [r for r in rows if r["task"] == task]
         safe = task.replace("/", "_").replace(":", "_")
         f1 = out / f"tradeoff_attack_{safe}.png"
-        _plot(sub, f1, [("attack_acc", "best attack accuracy (inference exposure)"), ("attack_acc_training", "best attack accuracy (training exposure)")], f"{task}: primary vs secondary (attack) accuracy", floors=True)
+        _plot(sub, f1, [("primary_acc", "attack_acc", "best attack accuracy (inference exposure)"), ("primary_acc_training_exposure", "attack_acc_training", "best attack accuracy (training exposure)")], f"{task}: primary vs secondary (attack) accuracy", floors=True)
         f2 = out / f"tradeoff_mi_{safe}.png"
-        _plot(sub, f2, [("mi_normalised", "I_KSG(X;X') / I_KSG(X;X)  (PCA proxy)")], f"{task}: primary accuracy vs mutual information", floors=False)
+        _plot(sub, f2, [("primary_acc", "mi_normalised", "I_KSG(X;X') / I_KSG(X;X)  (PCA proxy)")], f"{task}: primary accuracy vs mutual information", floors=False)
         figures += [str(f1), str(f2)]
         md += [f"\n## {task}\n", f"![attack]({f1.name})\n", f"![mi]({f2.name})\n\n", markdown_table(sub)]
     md.append(

@@ -125,6 +125,7 @@ def sweep(
     *,
     train: dict[str, Any] | None = None,
     evaluation: EvalConfig | None = None,
+    data: Task | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate ``defense`` on ``task`` at each knob value; return the privacy results.
@@ -134,6 +135,8 @@ def sweep(
             only one run is made, whatever is given.
         train: Other :class:`~veil.training.TrainConfig` fields (``epochs``, ``train_size``, ``seed``, ...).
         evaluation: The evaluation's settings.
+        data: The loaded task to use (default: ``load_task(task, seed, train_size)``), e.g. with a
+            smaller validation split to save time; it must be ``task`` with the same seed and train size.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     evaluation = evaluation or EvalConfig()
@@ -147,7 +150,7 @@ def sweep(
         raise ValueError("knobs must hold at least one value")
     if not cls.knob:
         values = [None]
-    loaded: Task | None = None
+    loaded: Task | None = data
     results = []
     for i, knob in enumerate(values):
         config = TrainConfig(task=task, defense=defense, knob=knob, **train)
