@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", action="append", default=[], help="extra defense option KEY=VALUE (JSON value)")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--tag", default="", help="suffix of the result files (keeps several sweeps apart)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     import json
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": " ".join(["benchmarks/lambda_sweep.py", *(argv if argv is not None else sys.argv[1:])]),
     }
-    stem = args.out / f"lambda_sweep_{args.defense}"
+    stem = args.out / f"lambda_sweep_{args.defense}{'_' + args.tag if args.tag else ''}"
     write_json(stem.with_suffix(".json"), summary)
     write_csv(stem.with_suffix(".csv"), rows)
     plot(rows, floor, stem.with_suffix(".png"), f"{args.defense} on {args.task} ({args.train_size} train, {args.epochs} epochs)")
