@@ -35,17 +35,28 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=6000)
     ap.add_argument("--eval-size", type=int, default=2000)
     ap.add_argument("--backend", default="inprocess", choices=["inprocess", "simulation"])
+    ap.add_argument("--obfuscator", type=Path, default=None, help="also run with this shared pre-trained obfuscator (RUN/obfuscator.safetensors from 'veil train') in every client")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/federated"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
+    from veil.io import read_json
+
+    old = read_json(args.out / "summary.json") if (args.out / "summary.json").exists() else {}
     summary: dict = {"task": args.task, "clients": args.clients, "rounds": args.rounds, "alpha": args.alpha, "train_size": args.train_size, "eval_size": args.eval_size, "backend": args.backend, "cases": {}}
-    for defense in ("none", args.defense):
+    if {k: v for k, v in old.items() if k not in ("cases", "obfuscator")} == {k: v for k, v in summary.items() if k != "cases"}:
+        summary["cases"] = old["cases"]  # same setting: finished cases are kept (run folders resume anyway)
+    sources = [("none", None), (args.defense, None)] + ([("shared", str(args.obfuscator))] if args.obfuscator else [])
+    if args.obfuscator:
+        summary["obfuscator"] = str(args.obfuscator)
+    for defense, shared in sources:
         for partition in ("iid", "noniid"):
             name = f"{defense}_{partition}"
-            cfg = FederatedConfig(task=args.task, clients=args.clients, rounds=args.rounds, partition=partition, alpha=args.alpha, defense=defense, trusted_fraction=0.1, obfuscator_epochs=4,
-                                  local_epochs=1, batch_size=32, train_size=args.train_size, eval_size=args.eval_size)
+            if name in summary["cases"]:
+                continue
+            cfg = FederatedConfig(task=args.task, clients=args.clients, rounds=args.rounds, partition=partition, alpha=args.alpha, defense=args.defense if shared else defense, obfuscator=shared,
+                                  trusted_fraction=0.1, obfuscator_epochs=4, local_epochs=1, batch_size=32, train_size=args.train_size, eval_size=args.eval_size)
             t0 = time.time()
             res = run_federated(cfg, args.out / name, backend=args.backend, log=log)
             summary["cases"][name] = {"seconds": round(time.time() - t0, 1), "rounds": res["rounds"]}
