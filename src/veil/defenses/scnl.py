@@ -251,10 +251,15 @@ class SCNLDefense(Defense):
             raw = self.layer.raw(xin, y)  # hard selection: only the selected class's kernels
         else:
             pi, sel_logits = self._selection(xin)
+            hard = torch.rand(b, device=x.device) < float(self.options["hard_fraction"]) if mixing else None
             if not mixing:
                 raw = self.layer.raw(xin, pi=pi)
-            else:
-                hard = torch.rand(b, device=x.device) < float(self.options["hard_fraction"])
+            elif pi.dim() == 2 and pi.shape[0] == b:
+                # per-record selection: one call with pi = one_hot(y) on the hard records (the oracle
+                # identity: hard selection equals the selection formula with one-hot pi)
+                pi_mix = torch.where(hard[:, None], F.one_hot(y, self.num_classes).to(pi.dtype), pi)
+                raw = self.layer.raw(xin, pi=pi_mix)
+            else:  # a selection shared by the batch (soft): hard records take the fast path
                 ih, isoft = hard.nonzero(as_tuple=True)[0], (~hard).nonzero(as_tuple=True)[0]
                 parts = []
                 if len(ih):
