@@ -3,7 +3,8 @@
 * SVD, seed 003 Fig. 4 shape: one ``svd`` run (pretrain, then fine-tune with random signal-content
   removal, §4.3), then the client's choice of m' swept at inference: primary accuracy, attack accuracy
   on the digit, communication ratio m'/n. Also the distortion-bounded variant (Theorem 1) at several
-  relative budgets on the same weights, and the unobfuscated split feature z as the baseline.
+  relative budgets on the same weights, the unobfuscated split feature z as the baseline, and a few
+  m' values trained one run each with the knob fixed (as ``veil sweep`` would).
 * Sample-and-hold: one run per gamma through ``train_run`` (the one loop), attack accuracy, windows
   found by the control loop; and eff_san (Eq. 8) by layer of the clean network, window sizes 2..150
   as in the paper's Table 1.
@@ -13,7 +14,7 @@ on obfuscated train records, early-stopped on obfuscated val records, scored on 
 
 Run: ``nice .venv/bin/python benchmarks/reproduce_svd_sah.py`` (about 20-30 min on 2 shared cores).
 Writes benchmarks/results/peers/svd_sah.json, svd_fig4.csv, svd_bounded.csv, sah_gamma.csv,
-sah_effsan.csv, svd_fig4.png, sah_effsan.png. Re-running reuses finished runs and cached attack points.
+sah_effsan.csv, svd_fixed.csv, svd_fig4.png, sah_effsan.png. Re-running reuses finished runs and cached attack points.
 """
 
 from __future__ import annotations
@@ -91,9 +92,19 @@ def svd_part(task, args, cache) -> dict:
         a = attack(b, task, vec, cache, f"svd-bounded/eps={eps}")
         bounded.append({"epsilon": eps, "mean_m_prime": mean_m, "comm_ratio": mean_m / b.n, "primary_acc": acc, "attack_acc": a["attack_acc"]})
         log(f"svd-bounded eps={eps}: primary {acc:.4f}, attack {a['attack_acc']:.4f}, mean m' {mean_m:.1f}")
+    # the same knob values trained through the one loop, one run each (as `veil sweep` does)
+    fixed = []
+    for k in args.fixed_m:
+        cfg_k = TrainConfig(task="mnist-lt5", defense="svd", knob=k / d.rank, epochs=args.epochs, seed=0, train_size=args.train_size, lr=1e-3)
+        mk = train_run(cfg_k, OUT / "runs" / f"svd-m{k}", task=task)
+        _, _, dk, _ = load_run(OUT / "runs" / f"svd-m{k}", task=task)
+        a = attack(dk, task, vec, cache, f"svd-trained-at/m'={k}")
+        fixed.append({"m_prime": dk.kept(), "primary_acc": mk["primary_acc"], "attack_acc": a["attack_acc"], "client_flops_share": mk["client_flops_share"]})
+        log(f"svd trained at m'={k}: primary {mk['primary_acc']:.4f}, attack {a['attack_acc']:.4f}")
     write_csv(OUT / "svd_fig4.csv", rows)
     write_csv(OUT / "svd_bounded.csv", bounded)
-    return {"train_metrics": {k: v for k, v in metrics.items() if k != "history"}, "n": d.n, "m": d.m, "rank": d.rank, "sweep": rows, "bounded": bounded}
+    write_csv(OUT / "svd_fixed.csv", fixed)
+    return {"train_metrics": {k: v for k, v in metrics.items() if k != "history"}, "n": d.n, "m": d.m, "rank": d.rank, "sweep": rows, "bounded": bounded, "trained_at_m_prime": fixed}
 
 
 def sah_part(task, args, cache) -> dict:
@@ -205,6 +216,7 @@ def main() -> None:
     p.add_argument("--train-size", type=int, default=10000)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--attack-epochs", type=int, default=8)
+    p.add_argument("--fixed-m", type=int, nargs="*", default=[1, 4], help="m' values also trained one run each")
     p.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 0.9])
     p.add_argument("--effsan-images", type=int, default=20)
     p.add_argument("--only", choices=["svd", "sah", "all"], default="all")
