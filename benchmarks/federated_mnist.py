@@ -77,8 +77,8 @@ def main() -> None:
             if not name.startswith("none"):
                 ax[i].plot(r, [h["acc_inference"] for h in case["rounds"]], "s--", label=f"{name.rsplit('_', 1)[0]}: obfuscated test (inference exposure)")
                 ax[i].plot(r, [h["acc_clean"] for h in case["rounds"]], "^:", label=f"{name.rsplit('_', 1)[0]}: clean test")
-        ax[i].set(title=f"{args.task}, {args.clients} clients, {partition}", xlabel="round", ylabel="primary accuracy", ylim=(0.4, 1))
-        ax[i].legend(fontsize=7)
+        ax[i].set(title=f"{args.task}, {args.clients} clients, {partition}", xlabel="round", ylabel="primary accuracy", ylim=(0.3, 1.02))
+        ax[i].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     with atomic_path(args.out / "accuracy_per_round.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
