@@ -117,3 +117,27 @@ def test_screening_touches_only_flagged_records():
 def test_bad_settings_raise_clear_errors(kw, match):
     with pytest.raises(ValueError, match=match):
         _config(**kw)
+
+
+def test_resume_obfuscated_keeps_every_clean_record_from_the_resuming_engine(tmp_path, task, monkeypatch):
+    import veil.training.incremental as inc
+
+    seen: list[torch.Tensor] = []
+    original = inc.fit_records
+
+    def spy(model, x, y, **kw):
+        if kw.get("name", "").startswith("NN'"):
+            seen.append(x.clone())
+        return original(model, x, y, **kw)
+
+    monkeypatch.setattr(inc, "fit_records", spy)
+    cfg = _config(max_p=10, attack_epochs=0, resume_clean=False)
+    run_incremental(cfg, tmp_path / "r", task=task, log=lambda s: None)
+    clean = task.train.x.flatten(1)
+    (engine,) = seen
+    assert len(engine) == len(task.train)
+    assert int((torch.cdist(engine.flatten(1), clean).min(1).values < 1e-4).sum()) == 0
+    # and the default (the seed's step 4) does show the p% records in the clear
+    seen.clear()
+    run_incremental(_config(max_p=10, attack_epochs=0), tmp_path / "d", task=task, log=lambda s: None)
+    assert int((torch.cdist(seen[0].flatten(1), clean).min(1).values < 1e-4).sum()) == 40

@@ -51,6 +51,7 @@ def incremental_cmd(
     clean_epochs: int = typer.Option(5, "--clean-epochs", min=1, help="Epochs of NN-p on the p% clean records."),
     obfuscator_epochs: int = typer.Option(4, "--obfuscator-epochs", min=1, help="Epochs training SL-p with NN-p."),
     resume_epochs: int = typer.Option(3, "--resume-epochs", min=1, help="Epochs of NN'-p on clean + obfuscated records."),
+    resume_clean: bool = typer.Option(True, "--resume-clean/--resume-obfuscated", help="Feed the p% records to NN'-p's training in the clear (the seed's step 4) or obfuscated by SL-p too (the engine then sees no clean record)."),
     attack_epochs: int = typer.Option(5, "--attack-epochs", min=0, help="Epochs of the secondary-attribute attacker (0: no attack)."),
     model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Records per batch."),
@@ -66,7 +67,7 @@ def incremental_cmd(
     try:
         config = IncrementalConfig(
             task=task, defense=_defense(defense), knob=lam, defense_options=_options(option), model=model, start=start, step=step, max_p=max_p,
-            target=target, screen_ratio=screen_ratio, screen_mode=screen_mode, clean_epochs=clean_epochs, obfuscator_epochs=obfuscator_epochs,
+            target=target, screen_ratio=screen_ratio, screen_mode=screen_mode, resume_clean=resume_clean, clean_epochs=clean_epochs, obfuscator_epochs=obfuscator_epochs,
             resume_epochs=resume_epochs, attack_epochs=attack_epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, eval_size=eval_size,
         )
         result = run_incremental(config, out)

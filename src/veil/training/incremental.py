@@ -179,6 +179,9 @@ class IncrementalConfig:
         target: Validation accuracy of NN'-p (clean validation records) that stops the growth, in [0, 1].
         screen_ratio: Share of each obfuscated record hidden at every iteration, in [0, 1).
         screen_mode: ``rect`` (one rectangle) or ``pixel`` (independent pixels).
+        resume_clean: True (the seed's step 4): the p% records enter NN'-p's training in the clear, so
+            the engine resuming NN-p must be as trusted as the data owner. False: they are obfuscated
+            by SL-p too (and screened), so the engine training NN'-p receives no clean record.
         clean_epochs: Epochs of NN-p on the p% clean records. obfuscator_epochs: Epochs of SL-p (shared
             among the defense's stages). resume_epochs: Epochs of NN'-p on clean + obfuscated records.
         attack_epochs: Most epochs of each secondary-attribute attacker (linear and CNN from
@@ -198,6 +201,7 @@ class IncrementalConfig:
     target: float = 0.95
     screen_ratio: float = 0.25
     screen_mode: str = "rect"
+    resume_clean: bool = True
     clean_epochs: int = 5
     obfuscator_epochs: int = 4
     resume_epochs: int = 3
@@ -284,7 +288,7 @@ def run_incremental(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     if (out / "config.json").exists():
-        if read_json(out / "config.json") != config.to_dict():
+        if IncrementalConfig.from_dict(read_json(out / "config.json")) != config:
             raise ValueError(f"{out} holds an incremental run with a different config; choose another --out or delete it")
         if (out / "incremental.json").exists():
             log(f"{out}: run already finished; results in {out / 'incremental.json'}")
@@ -333,9 +337,10 @@ def run_incremental(
         obf = obfuscate(defense, rest.x, rest.y) if len(rest) else torch.empty(0, *task.input_shape)
         # 4. NN'-p: NN-p resumed on clean + obfuscated, screening the obfuscated records
         nn_prime = copy.deepcopy(nn_p)
-        x_all = torch.cat([clean.x, obf]) if len(rest) else clean.x
+        shown = clean.x if config.resume_clean else obfuscate(defense, clean.x, clean.y)
+        x_all = torch.cat([shown, obf]) if len(rest) else shown
         y_all = torch.cat([clean.y, rest.y])
-        flags = torch.cat([torch.zeros(len(clean), dtype=torch.bool), torch.ones(len(rest), dtype=torch.bool)])
+        flags = torch.cat([torch.full((len(clean),), not config.resume_clean), torch.ones(len(rest), dtype=torch.bool)])
         fit_records(nn_prime, x_all, y_all, epochs=config.resume_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 3, screened=flags, screen_ratio=config.screen_ratio, screen_mode=config.screen_mode, log=log, name=f"NN'-{p:g}")
 
         test_obf = obfuscate(defense, test.x, test.y)
