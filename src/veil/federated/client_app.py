@@ -59,7 +59,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this client's test shard, obfuscated by its own obfuscator."""
+    """Evaluate the global model on this client's test shard, obfuscated by its own obfuscator.
+
+    ``acc_clean`` (the model on the clean shard) is a reference number for the data owner: it is
+    computed on the trusted side, like the obfuscation itself, never by the local training engine.
+    """
     config, pid, text = _setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
     train_split, test = client_data(config, pid)
