@@ -49,7 +49,8 @@ class Cloak(Defense):
     Args:
         input_shape: (C, H, W) of a record.
         num_classes: Number of primary classes (unused by the method).
-        lambda_: Weight of the sigma-maximising term.
+        lambda_: Weight of the sigma-maximising term (on mnist-lt5, 10k records, 4 epochs: 0.01 gives mean
+            sigma 0.47 with 9% of entries suppressed, 0.05 gives 1.10 with 56%).
         sigma_min, sigma_max: Bounds of sigma (Cloak's code uses 1e-4 and 2).
         threshold: Entries with sigma >= threshold are suppressed (b = 0).
         init_sigma: Starting sigma of every entry (in (sigma_min, sigma_max)).
@@ -67,7 +68,7 @@ class Cloak(Defense):
         *,
         input_shape: tuple[int, ...],
         num_classes: int,
-        lambda_: float = 0.1,
+        lambda_: float = 0.01,
         sigma_min: float = 1e-4,
         sigma_max: float = 2.0,
         threshold: float = 1.0,

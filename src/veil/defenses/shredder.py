@@ -48,7 +48,8 @@ class ShredderNoise(Defense):
     Args:
         input_shape: (C, H, W) of a record.
         num_classes: Number of primary classes (unused by the method).
-        lambda_: Weight of the noise-maximising term.
+        lambda_: Weight of the noise-maximising term (1.0 gives mean|n| / mean|features| of about 1.2
+            on mnist-lt5 after 2 + 2 epochs).
         channels: Channels of the client feature map.
         num_tensors: Size T of the learnt noise collection.
         init_scale: Noise tensors start as Laplace(0, init_scale) samples.
@@ -66,7 +67,7 @@ class ShredderNoise(Defense):
         *,
         input_shape: tuple[int, ...],
         num_classes: int,
-        lambda_: float = 0.05,
+        lambda_: float = 1.0,
         channels: int = 8,
         num_tensors: int = 32,
         init_scale: float = 0.1,
