@@ -35,19 +35,24 @@ def main() -> None:
     ap.add_argument("--train-size", type=int, default=10000)
     ap.add_argument("--eval-size", type=int, default=2000)
     ap.add_argument("--screen-ratio", type=float, nargs="+", default=[0.25, 0.0], help="one run per ratio (0 = the ablation without screening)")
+    ap.add_argument("--attack-epochs", type=int, default=5, help="0 skips the attack (SL-p, hence the attack, does not depend on the screen ratio)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/incremental"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
 
     task = load_task(args.task, seed=0, train_size=args.train_size)
-    summary: dict = {"task": args.task, "train_size": len(task.train), "eval_size": args.eval_size, "defense": args.defense, "runs": {}}
-    base = dict(task=args.task, defense=args.defense, start=5, step=5, max_p=20, target=1.0, clean_epochs=5, obfuscator_epochs=4, resume_epochs=3, attack_epochs=5, batch_size=64, train_size=args.train_size, eval_size=args.eval_size)
+    from veil.io import read_json
+
+    old = read_json(args.out / "summary.json") if (args.out / "summary.json").exists() else {}
+    summary: dict = {"task": args.task, "train_size": len(task.train), "eval_size": args.eval_size, "defense": args.defense, "runs": dict(old.get("runs", {}))}
+    base = dict(task=args.task, defense=args.defense, start=5, step=5, max_p=20, target=1.0, clean_epochs=5, obfuscator_epochs=4, resume_epochs=3, attack_epochs=args.attack_epochs, batch_size=64, train_size=args.train_size, eval_size=args.eval_size)
     for ratio in args.screen_ratio:
         cfg = IncrementalConfig(**base, screen_ratio=ratio)
         t0 = time.time()
-        res = run_incremental(cfg, args.out / f"run_{args.defense}_screen{ratio:g}", task=task, log=log)
-        summary["runs"][f"screen_ratio={ratio:g}"] = {"seconds": round(time.time() - t0, 1), "steps": res["steps"]}
+        tag = f"screen{ratio:g}" + ("" if args.attack_epochs else "_noattack")
+        res = run_incremental(cfg, args.out / f"run_{args.defense}_{tag}", task=task, log=log)
+        summary["runs"][f"screen_ratio={ratio:g}" + ("" if args.attack_epochs else " (no attack)")] = {"seconds": round(time.time() - t0, 1), "steps": res["steps"]}
 
     # reference: all training records in the clear, same number of epochs as NN-p + NN'-p
     t0 = time.time()
@@ -58,7 +63,7 @@ def main() -> None:
     summary["clean_100"] = {"test_acc_clean": model_accuracy(clean_model, test.x, test.y), "seconds": round(time.time() - t0, 1)}
     log(f"100% clean: {summary['clean_100']}")
 
-    first = next(iter(summary["runs"].values()))["steps"]
+    first = summary["runs"].get("screen_ratio=0.25", next(iter(summary["runs"].values())))["steps"]
     plot_incremental(first, args.out / "accuracy_vs_p.png", baselines={"100% clean": summary["clean_100"]["test_acc_clean"]})
     write_json(args.out / "summary.json", summary)
     rows = []
