@@ -91,6 +91,8 @@ class SCNLDefense(Defense):
             (:func:`veil.layers.scnl.scale_learning_rate`), so that they converge within a few epochs.
         sharpen: At inference (eval mode, no label) replace the adaptive selector's pi(x) by the one-hot
             of its argmax, so the output reveals the predicted class but not the selector's confidence.
+        init_gain: Initial content gain of the additive layer (1: the content channel starts open and
+            the knob closes it; 0: it starts closed and opens only as far as the task pays for it).
     """
 
     name: ClassVar[str] = "scnl-custom"
@@ -117,6 +119,7 @@ class SCNLDefense(Defense):
         "soft_share": 0.5,
         "lr_scale": 5.0,
         "sharpen": False,
+        "init_gain": 1.0,
     }
 
     def __init__(
@@ -143,6 +146,7 @@ class SCNLDefense(Defense):
         soft_share: float | None = None,
         lr_scale: float | None = None,
         sharpen: bool | None = None,
+        init_gain: float | None = None,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         given = dict(
@@ -150,7 +154,7 @@ class SCNLDefense(Defense):
             distribution=distribution, hard_fraction=hard_fraction, selector_weight=selector_weight,
             selector_width=selector_width, out_channels=out_channels, kernel_size=kernel_size, bound=bound,
             min_scale=min_scale, init_scale=init_scale, temperature=temperature, trials=trials, soft_share=soft_share,
-            lr_scale=lr_scale, sharpen=sharpen,
+            lr_scale=lr_scale, sharpen=sharpen, init_gain=init_gain,
         )
         o = {k: (self.DEFAULTS[k] if v is None else v) for k, v in given.items()}
         self._validate(o)
@@ -191,7 +195,7 @@ class SCNLDefense(Defense):
         c, h, w = self.input_shape
         dist = dict(bound=float(o["bound"]), min_scale=float(o["min_scale"]), temperature=float(o["temperature"]), trials=int(o["trials"]))
         if o["layer"] == "additive":
-            layer: SCNLBase = SCNLAdditive(self.input_shape, self.num_classes, o["distribution"], init_scale=float(o["init_scale"]), **dist)
+            layer: SCNLBase = SCNLAdditive(self.input_shape, self.num_classes, o["distribution"], init_scale=float(o["init_scale"]), init_gain=float(o["init_gain"]), **dist)
             out_shape = self.input_shape
         elif o["layer"] == "conv":
             co = int(o["out_channels"] or c)
