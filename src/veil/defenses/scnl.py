@@ -311,6 +311,8 @@ class SCNL(SCNLDefense):
     """SCNL (recommended): additive per-class template/content/scale layer, adaptive selector, joint."""
 
     name = "scnl"
+    #: lambda_ = 10: on mnist-lt5 (10k train, 3 epochs) attack 0.350 vs 0.917 at 0, primary 0.964 vs 0.971.
+    DEFAULTS = {**SCNLDefense.DEFAULTS, "lambda_": 10.0}
 
 
 class SCNLAdaptive(SCNLDefense):
