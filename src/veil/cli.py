@@ -141,10 +141,6 @@ from veil.evaluation.commands import evaluate_cmd, report_cmd, sweep_cmd  # noqa
 app.command("evaluate")(evaluate_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("report")(report_cmd)
-from veil.federated.commands import federated_cmd, incremental_cmd  # noqa: E402
-
-app.command("incremental")(incremental_cmd)
-app.command("federated")(federated_cmd)
 
 
 def main() -> None:
