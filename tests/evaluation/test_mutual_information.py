@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.special import digamma
 
 from veil.defenses import create_defense
 from veil.evaluation.mutual_information import MIConfig, gaussian_channel_bound, ksg_mi, mutual_information
