@@ -56,6 +56,7 @@ KNOBS: dict[str, list[float | None]] = {
     "scnl-adaptive": [0.0, 1.0, 10.0],
     "scnl-joint": [0.0, 1.0, 10.0],
     "scnl-twostage": [0.0, 1.0, 10.0],
+    "scnl-private": [3.0, 10.0, 30.0],  # lambda_ with the content channel starting closed (init_gain 0)
     "ani": [1e-4, 1e-3, 1e-2],  # lambda_ of Eq. 24 (default 1e-3)
     "cloak": [0.01, 0.1, 0.5],  # lambda_ of Eq. 3 (default 0.1)
     "shredder": [0.01, 0.05, 0.5],  # lambda_ (default 0.05)

@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "scnl-adaptive": "veil.defenses.scnl:SCNLAdaptive",
     "scnl-joint": "veil.defenses.scnl:SCNLJoint",
     "scnl-twostage": "veil.defenses.scnl:SCNLTwoStage",
+    "scnl-private": "veil.defenses.scnl:SCNLPrivate",
 }
 
 
