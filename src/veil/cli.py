@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,28 +16,10 @@ app = typer.Typer(
     help="veil: obfuscated training and inference, with peer defenses and honest privacy evaluation.",
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True, soft_wrap=True)
+from veil.cli_common import console, fail as _fail, parse_options as _parse_options  # noqa: E402
 
 TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH (arrays x, y, z) or idx:DIR."
 DEFENSE_HELP = "Obfuscation method; 'veil list' shows them all."
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
-    raise typer.Exit(2)
-
-
-def _parse_options(options: Optional[List[str]]) -> dict:
-    out = {}
-    for item in options or []:
-        if "=" not in item:
-            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 @app.command("list")

@@ -55,4 +55,18 @@ def create_defense(
         raise ValueError(f"bad options for defense {name!r}: {err}; accepted: {params}") from err
 
 
-__all__ = ["Defense", "Stage", "check_batch", "create_defense", "defense_class", "list_defenses"]
+def with_knob(name: str, knob: float | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` with defense ``name``'s knob set to ``knob`` (what ``--lambda`` means for every method).
+
+    ``knob=None`` keeps the method's default; a value for a method without a knob raises.
+    """
+    out = dict(options or {})
+    if knob is not None:
+        name_of_knob = defense_class(name).knob
+        if not name_of_knob:
+            raise ValueError(f"defense {name!r} has no knob; drop --lambda")
+        out[name_of_knob] = knob
+    return out
+
+
+__all__ = ["Defense", "Stage", "check_batch", "create_defense", "defense_class", "list_defenses", "with_knob"]

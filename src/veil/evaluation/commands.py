@@ -14,7 +14,6 @@ from rich.console import Console
 
 EXPOSURES = ("inference", "training")  # as veil.training.run.EXPOSURES; torch is imported only when a command runs
 
-_err = Console(stderr=True)
 
 # shared option declarations (typer reads the defaults from these)
 _ATTACK_EPOCHS = typer.Option(40, "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
@@ -76,9 +75,7 @@ def build_eval_config(
     return EvalConfig(attack=attack, reconstruction=recon, mi=mi)
 
 
-def _fail(err: Exception) -> None:
-    _err.print(f"[bold red]error:[/] {err}")
-    raise typer.Exit(2)
+from veil.cli_common import fail as _fail, parse_options as _parse_options  # noqa: E402
 
 
 def _summary(p: dict) -> dict:
@@ -151,7 +148,6 @@ def sweep_cmd(
     eval_seed: int = _EVAL_SEED,
 ) -> None:
     """Train and evaluate a defense at each knob value (resumable); then 'veil report OUT'."""
-    from veil.cli import _parse_options
     from veil.evaluation.sweep import parse_knobs, sweep
 
     try:

@@ -13,22 +13,7 @@ from rich.console import Console
 TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH or idx:DIR."
 
 
-def _fail(err: Exception) -> None:
-    Console(stderr=True).print(f"[bold red]error:[/] {err}")
-    raise typer.Exit(2)
-
-
-def _options(items: Optional[List[str]]) -> dict:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from veil.cli_common import fail as _fail, parse_options as _options  # noqa: E402
 
 
 def _defense(name: Optional[str]) -> str:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from veil.data.tasks import Split, Task, load_task
-from veil.defenses import Defense, create_defense, defense_class
+from veil.defenses import Defense, create_defense, defense_class, with_knob
 from veil.io import load_obfuscator
 from veil.models import create_model
 from veil.noise import seed_everything
@@ -207,12 +207,7 @@ def client_obfuscator(config: FederatedConfig, partition_id: int, train: Split, 
             raise ValueError(f"{config.obfuscator}: obfuscator is for records {defense.input_shape} with {defense.num_classes} classes, task {task.name!r} has {task.input_shape} and {task.num_primary}")
         defense.eval()
         return defense
-    options = dict(config.defense_options)
-    if config.knob is not None:
-        knob = defense_class(config.defense).knob
-        if not knob:
-            raise ValueError(f"defense {config.defense!r} has no knob; drop --lambda")
-        options[knob] = config.knob
+    options = with_knob(config.defense, config.knob, config.defense_options)
     seed_everything(config.seed + 7919 * (partition_id + 1))
     defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
     if any(p.requires_grad for p in defense.parameters()):

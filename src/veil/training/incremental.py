@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.data.tasks import Split, Task, load_task
-from veil.defenses import Defense, create_defense, defense_class, list_defenses
+from veil.defenses import Defense, create_defense, defense_class, list_defenses, with_knob
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
 from veil.models import create_model
 from veil.noise import seed_everything
@@ -261,12 +261,7 @@ def _head(split: Split, n: int | None) -> Split:
 
 
 def _build_defense(config: IncrementalConfig, task: Task) -> Defense:
-    options = dict(config.defense_options)
-    if config.knob is not None:
-        knob = defense_class(config.defense).knob
-        if not knob:
-            raise ValueError(f"defense {config.defense!r} has no knob; drop --lambda")
-        options[knob] = config.knob
+    options = with_knob(config.defense, config.knob, config.defense_options)
     return create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
 
 

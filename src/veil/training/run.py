@@ -11,7 +11,6 @@ A run folder holds::
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from veil.data.tasks import Task, load_task
-from veil.defenses import Defense, create_defense, defense_class
+from veil.defenses import Defense, create_defense, with_knob
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
 from veil.models import count_flops, count_parameters, create_model
 from veil.noise import reseed_from_os, seed_everything
@@ -35,12 +34,7 @@ def build(config: TrainConfig, task: Task | None = None) -> tuple[Task, Defense,
     """Task, defense and server model for ``config`` (seeded, untrained)."""
     task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
     seed_everything(config.seed)
-    options = dict(config.defense_options)
-    if config.knob is not None:
-        knob = defense_class(config.defense).knob
-        if not knob:
-            raise ValueError(f"defense {config.defense!r} has no knob; drop --lambda")
-        options[knob] = config.knob
+    options = with_knob(config.defense, config.knob, config.defense_options)
     defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
     model = create_model(config.model, defense.output_shape(), task.num_primary)
     return task, defense, model

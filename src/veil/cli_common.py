@@ -1,0 +1,31 @@
+"""Pieces every CLI command module shares: one error line with exit code 2, and ``--option`` parsing."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def fail(err: Exception) -> None:
+    """Print one line naming the problem (no traceback) and exit with code 2."""
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+def parse_options(items: Optional[List[str]]) -> dict:
+    """``["k=1", "name=adaptive"]`` -> ``{"k": 1, "name": "adaptive"}`` (values parsed as JSON when they can be)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
