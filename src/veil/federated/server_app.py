@@ -21,6 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from veil.federated.task import FederatedConfig, new_model
 from veil.io import load_weights, read_json, save_weights, write_json
+from veil.training.run import open_run_folder
 
 
 def build_strategy(config: FederatedConfig) -> strategies.Strategy:
@@ -55,13 +56,9 @@ def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend:
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    if (out / "config.json").exists() and read_json(out / "config.json") != config.to_dict():
-        raise ValueError(f"{out} holds a federated run with a different config; choose another --out or delete it")
-    if (out / "federated.json").exists():
-        log(f"{out}: run already finished; results in {out / 'federated.json'}")
-        return read_json(out / "federated.json")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_dict())
+    finished = open_run_folder(out, config.to_dict(), "federated.json", what="federated run", log=log)
+    if finished is not None:
+        return finished
 
     history: list[dict[str, Any]] = []
     model = new_model(config)

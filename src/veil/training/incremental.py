@@ -37,7 +37,7 @@ from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_
 from veil.models import create_model
 from veil.noise import seed_everything
 from veil.training.loop import TrainConfig, fit
-from veil.training.run import obfuscate
+from veil.training.run import obfuscate, open_run_folder
 
 SCREEN_MODES = ("rect", "pixel")
 
@@ -282,14 +282,12 @@ def run_incremental(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    if (out / "config.json").exists():
-        if IncrementalConfig.from_dict(read_json(out / "config.json")) != config:
-            raise ValueError(f"{out} holds an incremental run with a different config; choose another --out or delete it")
-        if (out / "incremental.json").exists():
-            log(f"{out}: run already finished; results in {out / 'incremental.json'}")
-            return read_json(out / "incremental.json")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_dict())
+    finished = open_run_folder(
+        out, config.to_dict(), "incremental.json", what="incremental run", log=log,
+        same=lambda saved: IncrementalConfig.from_dict(saved) == config,  # tolerant of fields added later
+    )
+    if finished is not None:
+        return finished
     task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
     val, test = _head(task.val, config.eval_size), _head(task.test, config.eval_size)
     n_train = len(task.train)

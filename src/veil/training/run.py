@@ -73,6 +73,34 @@ def client_cost(defense: Defense, model: nn.Module) -> dict[str, Any]:
     }
 
 
+def open_run_folder(
+    out: Path,
+    config: dict[str, Any],
+    result: str,
+    *,
+    what: str = "run",
+    same: Callable[[dict[str, Any]], bool] | None = None,
+    log: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """Prepare run folder ``out`` for ``config``; shared by every resumable command.
+
+    A folder holding a different config is refused (``same`` compares the saved config, default ``==``).
+    If ``out/result`` exists the run is finished and its result is returned; otherwise ``config.json`` is
+    written and ``None`` returned (the caller trains, resuming from whatever state it keeps there).
+    """
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        saved = read_json(cfg_path)
+        if not (same(saved) if same is not None else saved == config):
+            raise ValueError(f"{out} holds a{'n' if what[0] in 'aeiou' else ''} {what} with a different config; choose another --out or delete it")
+        if (out / result).exists():
+            log(f"{out}: {what} already finished; results in {out / result}")
+            return read_json(out / result)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg_path, config)
+    return None
+
+
 def train_run(
     config: TrainConfig,
     out: str | Path,
@@ -86,16 +114,9 @@ def train_run(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    cfg_path = out / "config.json"
-    if cfg_path.exists():
-        old = read_json(cfg_path)
-        if old != config.to_dict():
-            raise ValueError(f"{out} holds a run with a different config; choose another --out or delete it")
-        if (out / "metrics.json").exists():
-            log(f"{out}: run already finished; metrics in {out / 'metrics.json'}")
-            return read_json(out / "metrics.json")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, config.to_dict())
+    finished = open_run_folder(out, config.to_dict(), "metrics.json", log=log)
+    if finished is not None:
+        return finished
     task, defense, model = build(config, task)
 
     start, opt_state, history = (0, 0), None, []
