@@ -57,7 +57,7 @@ KNOBS: dict[str, list[float | None]] = {
     "scnl-joint": [0.0, 1.0, 10.0],
     "scnl-twostage": [0.0, 1.0, 10.0],
     "scnl-private": [3.0, 10.0, 30.0],  # lambda_ with the content channel starting closed (init_gain 0)
-    "ani": [1e-4, 1e-3, 1e-2],  # lambda_ of Eq. 24 (default 1e-3)
+    "ani": [1e-6, 1e-5, 5e-5],  # lambda_ of Eq. 24; its w collapses to 0.01 (primary at chance) from 1e-4 at these sizes
     "cloak": [0.01, 0.1, 0.5],  # lambda_ of Eq. 3 (default 0.1)
     "shredder": [0.01, 0.05, 0.5],  # lambda_ (default 0.05)
     "svd": [1.0, 0.3, 0.1],  # keep: share of signal content kept (smaller = more private)
@@ -67,7 +67,7 @@ KNOBS: dict[str, list[float | None]] = {
 
 #: Settings that fit both tasks, every registered defense and 3 knobs each in under two hours here.
 FULL = dict(
-    train_size=4000, epochs=3, batch_size=64, val_size=2000, test_size=5000,
+    train_size=8000, epochs=4, batch_size=64, val_size=2000, test_size=5000,
     attack=dict(epochs=12, patience=3, batch_size=64, train_size=2000, val_size=1000, test_size=2000, width=8, views=2, averaging_k=4),
     recon=dict(epochs=8, patience=2, batch_size=64, width=8, train_size=2000, test_size=1000),
     mi=dict(samples=1000, dims=8, k=3, pca_fit_size=2000),
@@ -92,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knobs", action="append", default=[], metavar="DEFENSE=V1,V2", help="override a defense's knob values (repeatable)")
     p.add_argument("--out", default="benchmarks/results/headline", help="output folder")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (minutes, not a result)")
-    p.add_argument("--train-size", type=int, help="training records per run (default 4000)")
-    p.add_argument("--epochs", type=int, help="training epochs per run (default 3)")
+    p.add_argument("--train-size", type=int, help="training records per run (default 8000)")
+    p.add_argument("--epochs", type=int, help="training epochs per run (default 4)")
     p.add_argument("--attack-epochs", type=int, help="most epochs per attacker (default 12, early stopping)")
     p.add_argument("--attack-train-size", type=int, help="obfuscated training records per attacker (default 2000)")
     p.add_argument("--attack-width", type=int, help="first-layer channels of the CNN attackers (default 8)")

@@ -53,6 +53,7 @@ def train(
     model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Records per batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decay to 0 over each training stage)."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, initialisation and training noise."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
@@ -61,7 +62,7 @@ def train(
     from veil.training import TrainConfig, train_run
 
     try:
-        config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size)
+        config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule)
         metrics = train_run(config, out)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)

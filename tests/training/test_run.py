@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -5,6 +6,7 @@ import pytest
 import torch
 
 from veil.training import TrainConfig, export_run, load_run, train_run
+from veil.training.loop import lr_factor
 
 CFG = TrainConfig(task="digits-lt5", defense="gaussian", knob=0.2, epochs=3, batch_size=64)
 
@@ -88,3 +90,33 @@ def test_config_validation():
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="unknown config keys"):
         TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear-warmup")
+
+
+def test_cosine_schedule_decays_and_resumes_to_the_same_result(tmp_path):
+    assert lr_factor("cosine", 0, 100) == 1.0 and lr_factor("constant", 99, 100) == 1.0
+    assert lr_factor("cosine", 50, 100) == pytest.approx(0.5) and lr_factor("cosine", 100, 100) == pytest.approx(0.0)
+    cfg = dataclasses.replace(CFG, lr_schedule="cosine")
+    full = train_run(cfg, tmp_path / "full", log=quiet)
+    constant = train_run(CFG, tmp_path / "constant", log=quiet)
+    assert full["history"][-1]["loss"] != constant["history"][-1]["loss"]  # the schedule reached the optimiser
+
+    def interrupt(line):
+        if "epoch 2/" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "cut", log=interrupt)
+    resumed = train_run(cfg, tmp_path / "cut", log=quiet)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+
+
+def test_run_saved_before_a_config_field_existed_is_still_recognised(tmp_path):
+    train_run(CFG, tmp_path / "run", log=quiet)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["lr_schedule"]  # as written by an older veil
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    lines = []
+    train_run(CFG, tmp_path / "run", log=lines.append)
+    assert any("already finished" in s for s in lines)

@@ -22,6 +22,16 @@ from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense, Stage
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, total: int) -> float:
+    """Multiplier of the learning rate at ``step`` of ``total`` steps (0-based) under ``schedule``."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+    return 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that decides a training run (saved as ``RUN/config.json``).
@@ -37,6 +47,9 @@ class TrainConfig:
         lr: Adam learning rate.
         seed: Seed for data order, initialisation and training noise.
         train_size: Keep only this many training records (``None``: all).
+        lr_schedule: ``constant`` (Adam at ``lr`` throughout) or ``cosine`` (``lr`` decayed to 0 along a
+            half cosine over each stage's steps; computed from the step index, so a resumed run follows
+            the same schedule).
     """
 
     task: str = "digits-lt5"
@@ -49,6 +62,7 @@ class TrainConfig:
     lr: float = 1e-3
     seed: int = 0
     train_size: int | None = None
+    lr_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -57,6 +71,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.knob is not None and not math.isfinite(self.knob):
             raise ValueError(f"knob must be a finite number, got {self.knob}")
 
@@ -163,7 +179,10 @@ def fit(
             t0, total, correct, seen = time.time(), 0.0, 0, 0
             # a different but reproducible order every epoch, also after a resume
             loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si + epoch)
-            for x, y in loader:
+            steps = len(loader)
+            for i, (x, y) in enumerate(loader):
+                for group in opt.param_groups:
+                    group["lr"] = config.lr * lr_factor(config.lr_schedule, epoch * steps + i, n_epochs * steps)
                 loss, logits = train_step(defense, model, x, y, stage)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r}, epoch {epoch + 1}; lower --lr or the knob")
