@@ -43,7 +43,7 @@ from veil.evaluation.mutual_information import MIConfig
 from veil.evaluation.reconstruction import ReconstructionConfig
 from veil.evaluation.report import markdown_table, report
 from veil.evaluation.sweep import EvalConfig, parse_knobs, sweep
-from veil.io import write_bytes, write_json
+from veil.io import read_json, write_bytes, write_json
 
 TASKS = ("mnist-lt5", "fashion-lt5")
 
@@ -211,6 +211,16 @@ def load_smaller(name: str, s: dict, seed: int):
     return task
 
 
+def run_minutes(runs: Path) -> float:
+    """Training plus evaluation time summed over the finished run folders below ``runs`` (minutes)."""
+    total = 0.0
+    for privacy in runs.rglob("privacy.json"):
+        metrics = privacy.parent / "metrics.json"
+        total += float(read_json(privacy).get("seconds", 0.0))
+        total += float(read_json(metrics).get("train_seconds", 0.0)) if metrics.exists() else 0.0
+    return total / 60
+
+
 def write_readme(out: Path, command: str, s: dict, summary: dict, info: dict) -> None:
     from veil.evaluation.report import collect
 
@@ -223,7 +233,8 @@ def write_readme(out: Path, command: str, s: dict, summary: dict, info: dict) ->
         f"validation and test splits cut to {s['val_size']} and {s['test_size']} records); attackers {s['attack']} "
         f"(linear, MLP, CNN, CNN+BN; the reported attack accuracy is the test accuracy of the attacker with the "
         f"best validation accuracy); reconstruction {s['recon']}; MI (KSG on PCA) {s['mi']}. "
-        f"Wall time {summary['seconds'] / 60:.1f} min.\n",
+        f"Wall time of this invocation {summary['seconds'] / 60:.1f} min; time spent in the runs now in the folder "
+        f"(training + evaluation, summed over run folders, whichever invocation made them) {run_minutes(out / 'runs'):.1f} min.\n",
         "Floors: majority class, and the best guess of the secondary label from the primary one "
         "(no defense that keeps the primary task can push a sound attacker below it).\n",
     ]
