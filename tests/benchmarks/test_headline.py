@@ -1,0 +1,46 @@
+"""benchmarks/headline.py end to end at smoke-test sizes on digits-lt5: runs, table, plots, README, resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "headline.py"
+
+
+@pytest.fixture(scope="module")
+def headline():
+    spec = importlib.util.spec_from_file_location("headline_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["headline_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_headline_writes_table_plots_readme_and_resumes(headline, tmp_path):
+    args = ["--tiny", "--tasks", "digits-lt5", "--defenses", "none,gaussian", "--knobs", "gaussian=0.3,3", "--out", str(tmp_path)]
+    assert headline.main(args) == 0
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3  # header, none, gaussian at two knobs
+    summary = json.loads((tmp_path / "headline.json").read_text())
+    assert summary["failures"] == [] and len(summary["runs"]) == 3
+    readme = (tmp_path / "README.md").read_text()
+    assert "--defenses none,gaussian" in readme and "time spent in the runs" in readme
+    assert list(tmp_path.glob("tradeoff_attack_*.png"))
+    gaussian = {float(r.split(",")[3]): r for r in rows[1:] if ",gaussian," in r}
+    assert set(gaussian) == {0.3, 3.0}
+    # rerun: every run is found finished and skipped (no training line logged)
+    lines = []
+    headline.log = lines.append
+    assert headline.main(args) == 0
+    assert not any(line.startswith("[none]") or line.startswith("[gaussian]") for line in lines)
+    assert sum("already evaluated" in line for line in lines) == 3
+
+
+def test_headline_rejects_unknown_defense(headline, tmp_path):
+    with pytest.raises(ValueError, match="unknown"):
+        headline.main(["--tiny", "--tasks", "digits-lt5", "--defenses", "nonsense", "--out", str(tmp_path)])
