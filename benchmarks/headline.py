@@ -8,11 +8,10 @@ retrained attackers (linear, MLP, CNN, CNN with batch norm; early-stopped on obf
 records, scored on obfuscated test records) at both points of exposure, the averaging attack, KSG mutual
 information, the reconstruction attack, client FLOPs share. Then draw the trade-off curves and tables.
 
-Sized for this 2-core CPU (one thread; progress and ETA on stderr). Measured here at the defaults on
-mnist-lt5 (load average 2-5 from other work): none 125 s per run (data loading included), gaussian 73 s,
-scnl 98 s (two exposures attacked), svd 27 s, sample-and-hold 47 s; 68 runs for both tasks and 12
-registered defenses x 3 knobs project to about 1.5 hours. The run is resumable: rerun the same command
-and finished runs are skipped.
+Sized for this 2-core CPU (one thread; progress and ETA on stderr). Measured here at the defaults
+(2026-11-26, the other core busy with other jobs): 74 runs (13 registered defenses x 3 knobs, `none` once,
+both tasks) in 104.7 min, 0 failures; a run takes 30-130 s (training 8000 records x 4 epochs plus the
+evaluation). The run is resumable: rerun the same command and finished runs are skipped.
 
     nice .venv/bin/python benchmarks/headline.py                      # the full comparison
     nice .venv/bin/python benchmarks/headline.py --tasks mnist-lt5 --defenses none,gaussian,scnl

@@ -158,7 +158,7 @@ def sweep(
         done = folder / PRIVACY_FILE
         if done.exists():
             old = read_json(done)
-            if old.get("evaluation_config") == _as_json(evaluation.to_dict()) and _same_train_config(old.get("train_config"), config):
+            if old.get("evaluation_config") == _as_json(evaluation.to_dict()) and config.matches(old.get("train_config")):
                 log(f"[sweep] {folder}: already evaluated, skipped ({i + 1}/{len(values)})")
                 results.append(old)
                 continue
@@ -169,14 +169,6 @@ def sweep(
         train_run(config, folder, task=loaded, log=log)
         results.append(evaluate_run(folder, evaluation, task=loaded, log=log))
     return results
-
-
-def _same_train_config(saved: Any, config: TrainConfig) -> bool:
-    """Whether a saved train config is ``config`` (fields added since it was saved take their defaults)."""
-    try:
-        return TrainConfig.from_dict(saved) == config
-    except (TypeError, ValueError):
-        return False
 
 
 def _as_json(obj: Any) -> Any:

@@ -87,6 +87,14 @@ class TrainConfig:
             raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
 
+    def matches(self, saved: Any) -> bool:
+        """Whether ``saved`` (a config read back from a run folder) is this config; fields added to
+        TrainConfig since it was written take their defaults. Anything unreadable does not match."""
+        try:
+            return TrainConfig.from_dict(saved) == self
+        except (TypeError, ValueError):
+            return False
+
 
 def stage_epochs(stages: list[Stage], epochs: int) -> list[int]:
     """Split ``epochs`` among stages by their ``epoch_share`` (every stage gets at least one)."""

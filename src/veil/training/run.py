@@ -114,8 +114,7 @@ def train_run(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    # a config saved before a field existed holds that field's default
-    finished = open_run_folder(out, config.to_dict(), "metrics.json", same=lambda saved: TrainConfig.from_dict(saved) == config, log=log)
+    finished = open_run_folder(out, config.to_dict(), "metrics.json", same=config.matches, log=log)
     if finished is not None:
         return finished
     task, defense, model = build(config, task)
