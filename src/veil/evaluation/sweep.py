@@ -22,7 +22,7 @@ from veil.evaluation.reconstruction import ReconstructionConfig, reconstruction_
 from veil.io import read_json, write_json
 from veil.noise import seed_everything
 from veil.training.loop import TrainConfig
-from veil.training.run import load_run, train_run
+from veil.training.run import config_matches, load_run, train_run
 
 PRIVACY_FILE = "privacy.json"
 
@@ -158,7 +158,7 @@ def sweep(
         done = folder / PRIVACY_FILE
         if done.exists():
             old = read_json(done)
-            if old.get("evaluation_config") == _as_json(evaluation.to_dict()) and config.matches(old.get("train_config")):
+            if old.get("evaluation_config") == _as_json(evaluation.to_dict()) and config_matches(config, old.get("train_config")):
                 log(f"[sweep] {folder}: already evaluated, skipped ({i + 1}/{len(values)})")
                 results.append(old)
                 continue

@@ -56,7 +56,7 @@ def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend:
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    finished = open_run_folder(out, config.to_dict(), "federated.json", what="federated run", log=log)
+    finished = open_run_folder(out, config, "federated.json", what="federated run", log=log)
     if finished is not None:
         return finished
 

@@ -282,10 +282,7 @@ def run_incremental(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    finished = open_run_folder(
-        out, config.to_dict(), "incremental.json", what="incremental run", log=log,
-        same=lambda saved: IncrementalConfig.from_dict(saved) == config,  # tolerant of fields added later
-    )
+    finished = open_run_folder(out, config, "incremental.json", what="incremental run", log=log)
     if finished is not None:
         return finished
     task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)

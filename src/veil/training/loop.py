@@ -11,7 +11,6 @@ import dataclasses
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -86,14 +85,6 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(names)}")
         return cls(**d)
-
-    def matches(self, saved: Any) -> bool:
-        """Whether ``saved`` (a config read back from a run folder) is this config; fields added to
-        TrainConfig since it was written take their defaults. Anything unreadable does not match."""
-        try:
-            return TrainConfig.from_dict(saved) == self
-        except (TypeError, ValueError):
-            return False
 
 
 def stage_epochs(stages: list[Stage], epochs: int) -> list[int]:

@@ -73,31 +73,39 @@ def client_cost(defense: Defense, model: nn.Module) -> dict[str, Any]:
     }
 
 
+def config_matches(config: Any, saved: Any) -> bool:
+    """Whether ``saved`` (a config read back from a run folder) is ``config``, a config dataclass with
+    ``from_dict`` (TrainConfig, IncrementalConfig, FederatedConfig). Fields added to the class since the
+    folder was written take their defaults; anything unreadable does not match."""
+    try:
+        return type(config).from_dict(saved) == config
+    except (TypeError, ValueError):
+        return False
+
+
 def open_run_folder(
     out: Path,
-    config: dict[str, Any],
+    config: Any,
     result: str,
     *,
     what: str = "run",
-    same: Callable[[dict[str, Any]], bool] | None = None,
     log: Callable[[str], None],
 ) -> dict[str, Any] | None:
-    """Prepare run folder ``out`` for ``config``; shared by every resumable command.
+    """Prepare run folder ``out`` for ``config`` (a config dataclass); shared by every resumable command.
 
-    A folder holding a different config is refused (``same`` compares the saved config, default ``==``).
-    If ``out/result`` exists the run is finished and its result is returned; otherwise ``config.json`` is
-    written and ``None`` returned (the caller trains, resuming from whatever state it keeps there).
+    A folder holding a different config is refused (:func:`config_matches`). If ``out/result`` exists the
+    run is finished and its result is returned; otherwise ``config.json`` is written and ``None`` returned
+    (the caller trains, resuming from whatever state it keeps there).
     """
     cfg_path = out / "config.json"
     if cfg_path.exists():
-        saved = read_json(cfg_path)
-        if not (same(saved) if same is not None else saved == config):
+        if not config_matches(config, read_json(cfg_path)):
             raise ValueError(f"{out} holds a{'n' if what[0] in 'aeiou' else ''} {what} with a different config; choose another --out or delete it")
         if (out / result).exists():
             log(f"{out}: {what} already finished; results in {out / result}")
             return read_json(out / result)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, config)
+    write_json(cfg_path, config.to_dict())
     return None
 
 
@@ -114,7 +122,7 @@ def train_run(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    finished = open_run_folder(out, config.to_dict(), "metrics.json", same=config.matches, log=log)
+    finished = open_run_folder(out, config, "metrics.json", log=log)
     if finished is not None:
         return finished
     task, defense, model = build(config, task)
