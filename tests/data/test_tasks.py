@@ -32,6 +32,15 @@ def test_train_size_subsets_reproducibly():
     assert len(a.train) == 100 and torch.equal(a.train.x, b.train.x)
 
 
+def test_records_not_kept_are_held_out_disjoint_from_train():
+    full, t = load_task("digits-lt5"), load_task("digits-lt5", train_size=100)
+    assert len(full.held_out) == 0
+    assert len(t.train) + len(t.held_out) == len(full.train)
+    rows = lambda s: {r.numpy().tobytes() for r in s.x.reshape(len(s), -1)}  # noqa: E731
+    kept, held = rows(t.train), rows(t.held_out)
+    assert not kept & held and kept | held == rows(full.train)
+
+
 def test_unknown_task_lists_valid_names():
     with pytest.raises(ValueError, match="digits-lt5"):
         load_task("cifar")

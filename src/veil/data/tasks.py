@@ -46,7 +46,12 @@ class Split:
 
 @dataclasses.dataclass
 class Task:
-    """A primary/secondary task with train/val/test splits."""
+    """A primary/secondary task with train/val/test splits.
+
+    ``held_out`` holds the train-split records that ``load_task(..., train_size=n)`` did not keep: records
+    of the train distribution that a defense trained on ``train`` never saw, so an attacker can train on
+    them (empty when the whole train split is kept).
+    """
 
     name: str
     train: Split
@@ -54,6 +59,7 @@ class Task:
     test: Split
     num_primary: int
     num_secondary: int
+    held_out: Split | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -154,7 +160,10 @@ def list_tasks() -> list[str]:
 
 
 def load_task(name: str, *, seed: int = 0, train_size: int | None = None) -> Task:
-    """Load task ``name``; ``train_size`` keeps a fixed random subset of the train split."""
+    """Load task ``name``; ``train_size`` keeps a fixed random subset of the train split.
+
+    The train records not kept go to ``task.held_out`` (disjoint from ``task.train``; empty if all are kept).
+    """
     if name.startswith("npz:"):
         task = _npz(name[4:], seed)
     elif name.startswith("idx:"):
@@ -167,6 +176,8 @@ def load_task(name: str, *, seed: int = 0, train_size: int | None = None) -> Tas
         if not 0 < train_size:
             raise ValueError(f"train_size must be positive, got {train_size}")
         if train_size < len(task.train):
-            keep = np.random.default_rng(seed).permutation(len(task.train))[:train_size]
-            task.train = task.train.subset(np.sort(keep))
+            perm = np.random.default_rng(seed).permutation(len(task.train))
+            task.train, task.held_out = task.train.subset(np.sort(perm[:train_size])), task.train.subset(np.sort(perm[train_size:]))
+    if task.held_out is None:
+        task.held_out = task.train.subset(np.arange(0))
     return task
