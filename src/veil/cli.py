@@ -77,15 +77,17 @@ def _print_metrics(metrics: dict) -> None:
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A finished run folder (from 'veil train')."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .npz: x (float32, one row per record), y, z, index, shape."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .npz holding only the message: x (float32, one row per record, dataset order), shape, metadata; and y with --mode training. Never z."),
     split: str = typer.Option("test", "--split", help="train, val or test."),
-    mode: str = typer.Option("inference", "--mode", help="inference: obfuscated without the label (soft/adaptive selection); training: with the known label (hard selection)."),
+    mode: str = typer.Option("inference", "--mode", help="inference: obfuscated without the label (soft/adaptive selection); training: with the known label (hard selection), and y goes with the message."),
+    with_labels: bool = typer.Option(False, "--with-labels", help="Also write y, z and index to a separate OUT.labels.npz for evaluation on your side; do not send it."),
+    reproducible_noise: Optional[int] = typer.Option(None, "--reproducible-noise", min=0, metavar="SEED", help="Research only: draw the noise from SEED so the export can be repeated exactly (recorded in the metadata). Anyone holding SEED can remove the noise. Default: OS entropy, fresh every export."),
 ) -> None:
-    """Write records obfuscated exactly as the untrusted side receives them."""
+    """Write records obfuscated exactly as the untrusted side receives them (the message, nothing else)."""
     from veil.training import export_run
 
     try:
-        info = export_run(run, out, split=split, mode=mode)
+        info = export_run(run, out, split=split, mode=mode, with_labels=with_labels, noise_seed=reproducible_noise)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     Console().print_json(json.dumps(info))
@@ -104,11 +106,11 @@ def demo(
         console.print(f"[bold]training with defense '{defense}'[/]")
         results[defense] = train_run(TrainConfig(task="digits-lt5", defense=defense, epochs=epochs, batch_size=32), out / defense)
     table = Table(title="veil demo: digits-lt5 (primary: digit < 5), test split")
-    for col in ("defense", "primary acc (inference)", "primary acc (training exposure)", "client FLOPs / server FLOPs"):
+    for col in ("defense", "primary acc (inference)", "client FLOPs / server FLOPs"):
         table.add_column(col)
     for name, m in results.items():
         share = m.get("client_flops_share")
-        table.add_row(name, f"{m['primary_acc']:.3f}", f"{m['primary_acc_training_exposure']:.3f}", "-" if share is None else f"{share:.3f}")
+        table.add_row(name, f"{m['primary_acc']:.3f}", "-" if share is None else f"{share:.3f}")
     Console().print(table)
     Console().print(f"runs written to {out}/; next: 'veil export {out}/scnl --out obf.npz'")
 

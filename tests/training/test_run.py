@@ -52,28 +52,84 @@ def test_different_config_in_same_folder_is_refused(tmp_path):
         train_run(other, tmp_path / "run", log=quiet)
 
 
-def test_export_matches_what_the_client_sends(tmp_path):
-    train_run(CFG, tmp_path / "run", log=quiet)
-    info = export_run(tmp_path / "run", tmp_path / "obf.npz", split="test", mode="inference")
-    with np.load(tmp_path / "obf.npz", allow_pickle=False) as f:
-        x, y, z, index = f["x"], f["y"], f["z"], f["index"]
-    _, task, _, _ = load_run(tmp_path / "run")
+def _npz(path):
+    with np.load(path, allow_pickle=False) as f:  # the files hold no object arrays
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "run"
+    train_run(CFG, out, log=quiet)
+    return out
+
+
+def test_export_holds_exactly_the_message(run, tmp_path):
+    info = export_run(run, tmp_path / "obf.npz", split="test", mode="inference")
+    msg = _npz(tmp_path / "obf.npz")
+    assert set(msg) == {"x", "shape", "metadata"}  # inference exposure: the message and nothing else
+    _, task, _, _ = load_run(run)
+    x = msg["x"]
     assert x.dtype == np.float32 and x.shape == (len(task.test), 64) and info["records"] == len(task.test)
-    assert np.array_equal(y, task.test.y.numpy()) and np.array_equal(z, task.test.z.numpy())
-    assert np.array_equal(index, np.arange(len(task.test)))
+    assert msg["shape"].tolist() == [1, 8, 8]
+    meta = json.loads(str(msg["metadata"]))
+    assert meta == {"records": len(task.test), "message_shape": [1, 8, 8], "mode": "inference", "split": "test", "noise": "os-entropy"}
     clean = task.test.x.reshape(len(task.test), -1).numpy()
-    resid = x - clean
-    assert 0.15 < resid.std() < 0.25  # the noise really is sigma = 0.2, and records stay in order
+    assert 0.15 < (x - clean).std() < 0.25  # the noise really is sigma = 0.2, and records stay in order
+    assert not (tmp_path / "obf.labels.npz").exists()
+    # training exposure: the engine trains on y, so y travels with the message; z never does
+    export_run(run, tmp_path / "train.npz", split="train", mode="training")
+    msg = _npz(tmp_path / "train.npz")
+    assert set(msg) == {"x", "y", "shape", "metadata"}
+    assert np.array_equal(msg["y"], task.train.y.numpy())
     with pytest.raises(ValueError, match="mode"):
-        export_run(tmp_path / "run", tmp_path / "o.npz", mode="sideways")
+        export_run(run, tmp_path / "o.npz", mode="sideways")
 
 
-def test_export_noise_is_not_the_training_seed(tmp_path):
-    train_run(CFG, tmp_path / "run", log=quiet)
-    export_run(tmp_path / "run", tmp_path / "a.npz")
-    export_run(tmp_path / "run", tmp_path / "b.npz")
-    a, b = np.load(tmp_path / "a.npz")["x"], np.load(tmp_path / "b.npz")["x"]
-    assert not np.array_equal(a, b)
+def test_with_labels_writes_the_labels_to_a_separate_file(run, tmp_path):
+    info = export_run(run, tmp_path / "obf.npz", mode="inference", with_labels=True)
+    assert set(_npz(tmp_path / "obf.npz")) == {"x", "shape", "metadata"}  # the message file is unchanged
+    labels = _npz(tmp_path / "obf.labels.npz")
+    assert info["labels"] == str(tmp_path / "obf.labels.npz")
+    _, task, _, _ = load_run(run)
+    assert np.array_equal(labels["y"], task.test.y.numpy()) and np.array_equal(labels["z"], task.test.z.numpy())
+    assert np.array_equal(labels["index"], np.arange(len(task.test)))
+    assert json.loads(str(labels["metadata"]))["labels_of"] == "obf.npz"
+
+
+def test_export_noise_is_fresh_unless_research_seed_is_asked(run, tmp_path):
+    export_run(run, tmp_path / "a.npz")
+    export_run(run, tmp_path / "b.npz")
+    assert not np.array_equal(_npz(tmp_path / "a.npz")["x"], _npz(tmp_path / "b.npz")["x"])
+    # an adversary holding config.json redraws with the run's seed: that is not the export's noise
+    config, task, defense, _ = load_run(run)
+    torch.manual_seed(config.seed)
+    replay = defense.encode(task.test.x).reshape(len(task.test), -1).numpy()
+    assert not np.allclose(_npz(tmp_path / "a.npz")["x"], replay, atol=1e-3)
+    # research opt-in: repeatable, recorded in the metadata
+    info = export_run(run, tmp_path / "r1.npz", noise_seed=5)
+    export_run(run, tmp_path / "r2.npz", noise_seed=5)
+    export_run(run, tmp_path / "r3.npz", noise_seed=6)
+    r1, r2, r3 = (_npz(tmp_path / f"r{i}.npz") for i in (1, 2, 3))
+    assert np.array_equal(r1["x"], r2["x"]) and not np.array_equal(r1["x"], r3["x"])
+    assert json.loads(str(r1["metadata"]))["noise"] == "reproducible" and json.loads(str(r1["metadata"]))["noise_seed"] == 5
+    assert info["noise"] == "reproducible"
+    with pytest.raises(ValueError, match="noise_seed must be a non-negative integer"):
+        export_run(run, tmp_path / "bad.npz", noise_seed=-1)
+
+
+def test_export_command_line(run, tmp_path):
+    from typer.testing import CliRunner
+
+    from veil.cli import app
+
+    res = CliRunner().invoke(app, ["export", str(run), "-o", str(tmp_path / "m.npz"), "--mode", "training", "--with-labels", "--reproducible-noise", "3"])
+    assert res.exit_code == 0, res.output
+    assert set(_npz(tmp_path / "m.npz")) == {"x", "y", "shape", "metadata"}
+    assert set(_npz(tmp_path / "m.labels.npz")) == {"y", "z", "index", "metadata"}
+    assert json.loads(str(_npz(tmp_path / "m.npz")["metadata"]))["noise_seed"] == 3
+    helptext = CliRunner().invoke(app, ["export", "--help"]).output
+    assert "--with-labels" in helptext and "--reproducible-noise" in helptext
 
 
 def test_unfinished_or_corrupt_runs_are_named(tmp_path):

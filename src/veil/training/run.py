@@ -5,12 +5,13 @@ A run folder holds::
     config.json                 the full TrainConfig
     obfuscator.safetensors      the client side alone (defense weights + its config in metadata)
     model.safetensors           the server side (task model weights)
-    metrics.json                primary accuracy (inference and training exposure), client cost, history
+    metrics.json                primary accuracy (inference), label read-back (training exposure), client cost, history
     checkpoint.safetensors      latest epoch's weights, with progress.json and optimizer.pt (resume)
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from veil.data.tasks import Task, load_task
 from veil.defenses import Defense, create_defense, with_knob
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
 from veil.models import count_flops, count_parameters, create_model
-from veil.noise import reseed_from_os, seed_everything
+from veil.noise import OS_ENTROPY, REPRODUCIBLE, private_noise, seed_everything
 from veil.training.loop import TrainConfig, accuracy, fit
 
 EXPOSURES = ("inference", "training")
@@ -159,10 +160,19 @@ def train_run(
 
 
 def evaluate_primary(defense: Defense, model: nn.Module, task: Task) -> dict[str, float]:
-    """Primary test accuracy at both points of exposure."""
+    """Test-split accuracies of the server model on the primary label.
+
+    Returns:
+        ``primary_acc``: on inference messages (``encode(x)``, no label on the client), the accuracy a
+        user gets. ``label_readback_training_exposure``: on training-exposure messages
+        (``encode(x, y)``). Where a method hard-selects by the known label (SCNL), the server reads that
+        label back from the template: this checks that it learnt the training-exposure messages and is
+        not an accuracy of anything a user gets (for methods that ignore the label it equals
+        ``primary_acc`` up to noise).
+    """
     return {
         "primary_acc": accuracy(defense, model, task.test, use_labels=False),
-        "primary_acc_training_exposure": accuracy(defense, model, task.test, use_labels=True),
+        "label_readback_training_exposure": accuracy(defense, model, task.test, use_labels=True),
     }
 
 
@@ -187,26 +197,92 @@ def load_run(run: str | Path, *, task: Task | None = None) -> tuple[TrainConfig,
 
 
 @torch.no_grad()
-def obfuscate(defense: Defense, x: torch.Tensor, y: torch.Tensor | None, *, batch_size: int = 512) -> torch.Tensor:
-    """What the untrusted side receives for records ``x`` (``y`` given: training exposure)."""
+def obfuscate(
+    defense: Defense,
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    batch_size: int = 512,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """What the untrusted side receives for records ``x``: the deployment path of the Python API.
+
+    Noise comes from the operating system's entropy, fresh for every call (:func:`veil.noise.private_noise`):
+    neither the run's seed nor anything else the receiver knows can regenerate it, and the caller's own
+    random state is left as it was.
+
+    Args:
+        defense: The client's obfuscator (put in eval mode).
+        x: Records (N, *defense.input_shape).
+        y: Primary labels (N,) for the training exposure (hard selection); None: inference exposure.
+        batch_size: Records encoded at a time.
+        generator: Research opt-in: draw the noise from this seeded generator instead, so that it is
+            reproducible (by anyone holding the seed). Measurements may use it; deployment must not.
+
+    Returns:
+        Messages (N, *defense.output_shape()).
+    """
+    if y is not None and len(y) != len(x):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     defense.eval()
-    parts = [defense.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    return torch.cat(parts) if parts else torch.empty(0)
+    with private_noise(generator):
+        parts = [defense.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    return torch.cat(parts) if parts else torch.empty(0, *defense.output_shape())
 
 
-def export_run(run: str | Path, out: str | Path, *, split: str = "test", mode: str = "inference") -> dict[str, Any]:
-    """Write the obfuscated records of ``split`` as the untrusted side receives them to ``out`` (.npz).
+def labels_path(out: str | Path) -> Path:
+    """Where ``export_run(..., with_labels=True)`` writes the labels: ``OUT.labels.npz`` beside ``OUT``."""
+    out = Path(out)
+    stem = out.name[: -len(".npz")] if out.name.endswith(".npz") else out.name
+    return out.with_name(stem + ".labels.npz")
 
-    Arrays: ``x`` float32 (N, D) one row per record in dataset order, ``y`` primary, ``z`` secondary,
-    ``index`` into the split, ``shape`` the per-record shape of the message. Noise is drawn from the
-    operating system's entropy, not from the run's seed.
+
+def export_run(
+    run: str | Path,
+    out: str | Path,
+    *,
+    split: str = "test",
+    mode: str = "inference",
+    with_labels: bool = False,
+    noise_seed: int | None = None,
+) -> dict[str, Any]:
+    """Write the obfuscated records of ``split`` to ``out`` (.npz): exactly what the untrusted side receives.
+
+    ``out`` holds the message only: ``x`` float32 (N, D), one row per record in dataset order; ``y``
+    (N,) the primary labels, at the training exposure only (the engine trains on them); ``shape`` the
+    per-record message shape; ``metadata`` a JSON string (mode, split, records, message shape, noise
+    source). Never the secondary label ``z`` nor the record.
+
+    Args:
+        run: A finished run folder.
+        out: The message file.
+        split: ``train``, ``val`` or ``test``.
+        mode: ``inference`` (no label, soft/adaptive selection) or ``training`` (hard selection by y).
+        with_labels: Also write ``y``, ``z`` and ``index`` to a separate file (:func:`labels_path`),
+            for evaluation on the trusted side; it must not travel with the message.
+        noise_seed: Research opt-in: reproducible noise from this seed (recorded in the metadata).
+            None (the default): OS entropy, fresh for every export.
+
+    Returns:
+        A summary: records, message_shape, mode, split, noise, out (and labels).
     """
     if mode not in EXPOSURES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(EXPOSURES)}")
+    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0):
+        raise ValueError(f"noise_seed must be a non-negative integer or None, got {noise_seed!r}")
     _, task, defense, _ = load_run(run)
     s = task.split(split)
-    reseed_from_os()
-    m = obfuscate(defense, s.x, s.y if mode == "training" else None)
-    x = m.reshape(len(s), -1).numpy().astype(np.float32)
-    save_npz(out, x=x, y=s.y.numpy(), z=s.z.numpy(), index=np.arange(len(s)), shape=np.asarray(m.shape[1:], dtype=np.int64))
-    return {"records": len(s), "message_shape": list(m.shape[1:]), "mode": mode, "split": split, "out": str(out)}
+    generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
+    m = obfuscate(defense, s.x, s.y if mode == "training" else None, generator=generator)
+    noise: dict[str, Any] = {"noise": OS_ENTROPY} if noise_seed is None else {"noise": REPRODUCIBLE, "noise_seed": noise_seed}
+    info: dict[str, Any] = {"records": len(s), "message_shape": list(m.shape[1:]), "mode": mode, "split": split, **noise}
+    message = {"x": m.reshape(len(s), -1).numpy().astype(np.float32), "shape": np.asarray(m.shape[1:], dtype=np.int64)}
+    if mode == "training":
+        message["y"] = s.y.numpy()
+    save_npz(out, **message, metadata=np.asarray(json.dumps(info)))
+    info["out"] = str(out)
+    if with_labels:
+        labels = labels_path(out)
+        save_npz(labels, y=s.y.numpy(), z=s.z.numpy(), index=np.arange(len(s)), metadata=np.asarray(json.dumps({**info, "out": labels.name, "labels_of": Path(out).name})))
+        info["labels"] = str(labels)
+    return info
