@@ -23,8 +23,8 @@ def test_train_then_export(tmp_path):
     assert 0.5 < metrics["primary_acc"] <= 1.0
     r = runner.invoke(app, ["export", str(run), "--split", "val", "--mode", "training", "--out", str(tmp_path / "v.npz")])
     assert r.exit_code == 0, r.output
-    with np.load(tmp_path / "v.npz") as f:
-        assert f["x"].shape[1] == 64 and len(f["y"]) == len(f["z"]) == len(f["index"])
+    with np.load(tmp_path / "v.npz") as f:  # the message: no z (labels go to a separate file, --with-labels)
+        assert f["x"].shape[1] == 64 and len(f["y"]) == len(f["x"]) and "z" not in f.files
 
 
 def test_bad_names_give_one_clear_error(tmp_path):
