@@ -232,3 +232,112 @@ def test_scale_learning_rate_keeps_values_and_speeds_adam():
     opt.step()
     step = (layer.gain.detach() - before).abs().max()
     assert 4e-3 < step < 6e-3, f"expected an effective step of 5 * lr, got {step}"
+
+
+# ------------------------------------------------------------------ torch-style geometry (issue #9 part 6)
+GEOMETRIES = [
+    dict(padding=1),
+    dict(stride=2, padding=1),
+    dict(padding=0),
+    dict(padding=2, dilation=2),
+    dict(stride=(2, 1), padding=(0, 1)),
+    dict(padding=1, groups=2),
+    dict(stride=2, padding="valid", groups=2),
+]
+
+
+def test_the_issue_example_takes_conv2d_arguments():
+    layer = SCNLConv2d(3, 16, kernel_size=3, padding=1, num_classes=10)
+    h = layer(torch.randn(2, 3, 8, 8), torch.tensor([0, 9]))
+    assert h.shape == (2, 16, 8, 8)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_geometry_gives_nn_conv2d_output_size(geometry):
+    torch.manual_seed(0)
+    layer = SCNLConv2d(4, 6, 3, C, **geometry)
+    ref = nn.Conv2d(4, 6, 3, **geometry)
+    x = torch.randn(B, 4, 9, 7)
+    h = layer(x, labels())
+    assert h.shape == ref(x).shape
+    assert layer(x, pi=hard_selection(labels(), C)).shape == h.shape
+
+
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if "groups" not in g], ids=str)
+def test_hard_selection_with_geometry_is_the_class_convolution(geometry):
+    """Eq. 5-6 per record with torch's own convolution: raw_c = conv(x, k_c) + b_c, split (P, C_out)."""
+    torch.manual_seed(0)
+    layer = SCNLConv2d(2, 3, 3, C, **geometry)
+    x, y = torch.randn(B, 2, 9, 7), labels()
+    conv = nn.Conv2d(2, 2 * 3, 3, **geometry)
+    rows = []
+    for i in range(B):
+        with torch.no_grad():
+            conv.weight.copy_(layer.weight[int(y[i])])
+            conv.bias.copy_(layer.bias[int(y[i])])
+        rows.append(conv(x[i : i + 1]).unflatten(1, (2, 3)))
+    torch.testing.assert_close(layer.raw(x, y), torch.cat(rows).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+@pytest.mark.parametrize("incarnation", ["input", "output"])
+def test_hard_selection_equals_one_hot_formula_with_geometry(geometry, incarnation):
+    torch.manual_seed(0)
+    layer = SCNLConv2d(4, 6, 3, C, incarnation=incarnation, **geometry)
+    x, y = torch.randn(B, 4, 9, 7), labels()
+    torch.testing.assert_close(layer.raw(x, y), layer.raw(x, pi=hard_selection(y, C)), atol=1e-5, rtol=1e-5)
+    if incarnation == "input":  # a region mask selecting the label everywhere is hard selection too
+        mask = F.one_hot(y, C).float()[:, :, None, None].expand(B, C, 9, 7)
+        torch.testing.assert_close(layer.raw(x, mask), layer.raw(x, y), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["hard", "pi"])
+def test_groups_keep_each_output_group_on_its_input_group(path):
+    """With groups=2, input channels 0-1 feed output channels 0-2 (mean and scale) only, 2-3 feed 3-5."""
+    torch.manual_seed(0)
+    layer = SCNLConv2d(4, 6, 3, C, groups=2, incarnation="output")
+    x, y = torch.randn(B, 4, 6, 6), labels()
+    sel = dict(labels=y) if path == "hard" else dict(pi=torch.rand(B, C))
+    base = layer.raw(x, **sel)
+    x2 = x.clone()
+    x2[:, :2] += torch.randn(B, 2, 6, 6)  # change input group 0 only
+    diff = (layer.raw(x2, **sel) - base).abs().amax(dim=(0, 3, 4))  # (P, C_out)
+    assert (diff[:, :3] > 1e-4).all(), "output group 0 ignored its input group"
+    assert (diff[:, 3:] < 1e-6).all(), "output group 1 read input group 0"
+
+
+def test_identity_init_with_groups_starts_near_the_input():
+    torch.manual_seed(0)
+    layer = SCNLConv2d(4, 4, 3, C, groups=2, init="identity", init_scale=0.5)
+    x = torch.randn(B, 4, 6, 6)
+    mu, sigma = layer.params(x, labels())
+    assert (mu - 3 * torch.tanh(x / 3)).abs().mean() < 0.15
+    torch.testing.assert_close(sigma.mean(), torch.tensor(0.5), atol=0.05, rtol=0)
+
+
+def test_unknown_or_foreign_keywords_name_the_layer():
+    with pytest.raises(TypeError, match="SCNLConv2d.*padding_typo"):
+        SCNLConv2d(1, 2, 3, C, padding_typo=1)
+    with pytest.raises(TypeError, match="SCNLAdditive.*kernel_size"):
+        SCNLAdditive((1, 4, 4), C, kernel_size=3)
+    with pytest.raises(TypeError, match="SCNLLinear.*padding"):
+        SCNLLinear(3, 3, C, padding=1)
+    with pytest.raises(TypeError, match="ConditionalStochastic.*hidden"):
+        ConditionalStochastic(lambda: nn.Linear(2, 4), C, hidden=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(stride=0), "stride"),
+        (dict(dilation=(1, 0)), "dilation"),
+        (dict(padding=-1), "padding"),
+        (dict(padding="full"), "padding"),
+        (dict(groups=3), "groups"),
+        (dict(stride=2), "same"),  # default padding 'same' needs stride 1
+        (dict(bias="yes"), "bias"),
+    ],
+)
+def test_bad_geometry_values_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=f"SCNLConv2d.*{match}"):
+        SCNLConv2d(4, 6, 3, C, **kwargs)

@@ -71,6 +71,7 @@ class SCNLBase(nn.Module):
             raise ValueError(f"num_classes must be >= 2, got {num_classes!r}")
         if incarnation not in INCARNATIONS:
             raise ValueError(f"unknown incarnation {incarnation!r}; valid: {', '.join(INCARNATIONS)}")
+        _check_dist_options(type(self).__name__, distribution, dist_options)
         self.num_classes = int(num_classes)
         self.distribution = distribution if isinstance(distribution, Distribution) else create_distribution(distribution, **dist_options)
         self.num_params = self.distribution.num_params
@@ -130,6 +131,38 @@ class SCNLBase(nn.Module):
         raise NotImplementedError
 
 
+#: Keyword arguments a layer passes on to its distribution (:func:`veil.layers.distributions.create_distribution`).
+DIST_OPTIONS = ("bound", "min_scale", "temperature", "trials")
+#: Arguments only a convolution takes; elementwise and fully connected layers refuse them by name.
+CONV_ONLY = ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+
+
+def _check_dist_options(layer: str, distribution: str | Distribution, options: dict) -> None:
+    """Refuse keyword arguments that are neither the layer's own nor its distribution's, naming the layer."""
+    conv_only = sorted(k for k in options if k in CONV_ONLY)
+    if conv_only:
+        raise TypeError(
+            f"{layer} got convolution argument(s) {conv_only}: it is not a convolution "
+            f"(SCNLConv2d takes kernel_size, stride, padding, dilation, groups)"
+        )
+    unknown = sorted(k for k in options if k not in DIST_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"{layer} got unexpected keyword argument(s) {unknown}; besides its own arguments it passes only "
+            f"{', '.join(DIST_OPTIONS)} to its distribution"
+        )
+    if options and isinstance(distribution, Distribution):
+        raise ValueError(f"{layer}: distribution options {sorted(options)} given with a Distribution instance; set them on the instance")
+
+
+def _pair(value: int | tuple[int, int], name: str, layer: str, minimum: int) -> tuple[int, int]:
+    """``v`` or ``(v_h, v_w)`` as a pair of ints >= ``minimum``; a ``ValueError`` naming the layer otherwise."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)):
+        raise ValueError(f"{layer}: {name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
 def _init_per_class(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int) -> None:
     """PyTorch's default Conv/Linear initialisation, drawn independently for every class."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -143,22 +176,30 @@ def _init_per_class(weight: torch.Tensor, bias: torch.Tensor | None, fan_in: int
 class SCNLConv2d(SCNLBase):
     """Stochastic conditional convolutional noise layer (seed 000 §1.1.3, Eq. 5-7).
 
-    Kernels ``weight`` (C, P * C_out, C_in, k, k) and ``bias`` (C, P * C_out); ``P`` raw maps per output
-    channel (2 for gaussian/laplace: mean and scale). Stride 1, "same" padding (odd ``kernel_size``), so a
-    per-pixel selection lines up with the output.
+    Takes ``nn.Conv2d``'s geometry: ``kernel_size``, ``stride``, ``padding`` (an int, a pair, ``"same"`` or
+    ``"valid"``; default ``"same"``, which needs an odd kernel and stride 1, so a per-pixel selection lines
+    up with the output), ``dilation`` and ``groups``; they apply to every class's convolutions alike, hard
+    selection included. Kernels ``weight`` (C, P * C_out, C_in / groups, kH, kW) and ``bias`` (C, P * C_out);
+    ``P`` raw maps per output channel (2 for gaussian/laplace: mean and scale). Within a class, the output
+    channels are ordered group by group, each group holding its P maps (``(groups, P, C_out / groups)``),
+    so that an output channel's mean and scale come from the same input group.
 
-    Shapes: x (B, C_in, H, W) -> h (B, C_out, H, W). Hard selection by labels (B,) costs one grouped
-    convolution with the B gathered kernel sets, flat in C.
+    Shapes: x (B, C_in, H, W) -> h (B, C_out, H', W') with H', W' as for ``nn.Conv2d``. Hard selection by
+    labels (B,) costs one grouped convolution with the B gathered kernel sets, flat in C.
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
+        kernel_size: int | tuple[int, int],
         num_classes: int,
         distribution: str | Distribution = "gaussian",
         *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = "same",
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
         incarnation: str = "input",
         selector: nn.Module | None = None,
         bias: bool = True,
@@ -167,20 +208,51 @@ class SCNLConv2d(SCNLBase):
         **dist_options: float,
     ) -> None:
         super().__init__(num_classes, distribution, incarnation=incarnation, selector=selector, **dist_options)
+        name = type(self).__name__
         if init not in ("default", "identity"):
-            raise ValueError(f"init must be 'default' or 'identity', got {init!r}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be a positive odd number ('same' padding), got {kernel_size!r}")
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels!r}, {out_channels!r}")
-        self.in_channels, self.out_channels, self.kernel_size = int(in_channels), int(out_channels), int(kernel_size)
-        self.padding = kernel_size // 2
+            raise ValueError(f"{name}: init must be 'default' or 'identity', got {init!r}")
+        if not (isinstance(in_channels, int) and isinstance(out_channels, int) and in_channels >= 1 and out_channels >= 1):
+            raise ValueError(f"{name}: in_channels and out_channels must be integers >= 1, got {in_channels!r}, {out_channels!r}")
+        self.kernel_size = _pair(kernel_size, "kernel_size", name, 1)
+        self.stride = _pair(stride, "stride", name, 1)
+        self.dilation = _pair(dilation, "dilation", name, 1)
+        if not (isinstance(groups, int) and groups >= 1 and in_channels % groups == 0 and out_channels % groups == 0):
+            raise ValueError(f"{name}: groups must be an integer >= 1 dividing in_channels ({in_channels}) and out_channels ({out_channels}), got {groups!r}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"{name}: bias must be True or False, got {bias!r}")
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            if self.stride != (1, 1) or any(k % 2 == 0 for k in self.kernel_size):
+                raise ValueError(
+                    f"{name}: padding='same' needs an odd kernel_size and stride 1, got kernel_size={kernel_size!r}, "
+                    f"stride={stride!r}; give padding as an int or pair"
+                )
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
+        elif isinstance(padding, str):
+            raise ValueError(f"{name}: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        self.padding = _pair(padding, "padding", name, 0)
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        kh, kw = self.kernel_size
         po = self.num_params * self.out_channels
-        self.weight = nn.Parameter(torch.empty(self.num_classes, po, self.in_channels, kernel_size, kernel_size))
+        self.weight = nn.Parameter(torch.empty(self.num_classes, po, self.in_channels // self.groups, kh, kw))
         self.bias = nn.Parameter(torch.empty(self.num_classes, po)) if bias else None
-        _init_per_class(self.weight, self.bias, self.in_channels * kernel_size * kernel_size)
+        _init_per_class(self.weight, self.bias, self.in_channels // self.groups * kh * kw)
         if init == "identity":
             self._identity_init(init_scale)
+
+    def _channels(self, p: int) -> torch.Tensor:
+        """Indices (C_out,) of parameter map ``p``'s output channels in a class's (groups, P, C_out/groups) order."""
+        cg = self.out_channels // self.groups
+        j = torch.arange(self.out_channels)
+        return (j // cg) * (self.num_params * cg) + p * cg + j % cg
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """Output (H', W') for an input of (height, width), as ``nn.Conv2d`` computes it."""
+        return tuple(  # type: ignore[return-value]
+            (n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, p, d, k, s in zip((height, width), self.padding, self.dilation, self.kernel_size, self.stride)
+        )
 
     @torch.no_grad()
     def _identity_init(self, init_scale: float) -> None:
@@ -190,19 +262,25 @@ class SCNLConv2d(SCNLBase):
         if not init_scale > self.distribution.min_scale:
             raise ValueError(f"init_scale must exceed min_scale {self.distribution.min_scale}, got {init_scale!r}")
         self.weight.mul_(0.05)
-        co = self.out_channels
+        loc = self._channels(0)
         for c in range(self.num_classes):
-            dirac = torch.empty(co, self.in_channels, self.kernel_size, self.kernel_size)
-            nn.init.dirac_(dirac)
-            self.weight[c, :co] += dirac
+            dirac = torch.empty(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+            nn.init.dirac_(dirac, self.groups)
+            self.weight[c, loc] += dirac
         if self.bias is not None:
             self.bias.zero_()
-            if self.num_params > 1:
-                self.bias[:, co:] = math.log(math.expm1(init_scale - self.distribution.min_scale))
+            for p in range(1, self.num_params):
+                self.bias[:, self._channels(p)] = math.log(math.expm1(init_scale - self.distribution.min_scale))
 
     def _check(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__}: x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        ho, wo = self.output_size(x.shape[2], x.shape[3])
+        if ho < 1 or wo < 1:
+            raise ValueError(f"{type(self).__name__}: input {tuple(x.shape[2:])} is too small for kernel_size {self.kernel_size}, padding {self.padding}, dilation {self.dilation}")
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+        return F.conv2d(x, weight, stride=self.stride, padding=self.padding, dilation=self.dilation, groups=groups)
 
     def _spatial(self, x):
         return tuple(x.shape[2:])
@@ -211,37 +289,58 @@ class SCNLConv2d(SCNLBase):
         return mask.unsqueeze(2)  # (B, C, 1, H, W): the same selection for every input channel
 
     def _split(self, raw: torch.Tensor) -> torch.Tensor:
-        return raw.unflatten(1, (self.num_params, self.out_channels))  # (B, P*Co, H, W) -> (B, P, Co, H, W)
+        """(B, P*Co, H', W') in (groups, P, Co/groups) channel order -> (B, P, Co, H', W')."""
+        g = self.groups
+        raw = raw.unflatten(1, (g, self.num_params, self.out_channels // g)).transpose(1, 2)  # (B, P, g, Co/g, ...)
+        return raw.flatten(2, 3)
+
+    def _pi_at_output(self, pi_bar: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-pixel selection (b, C, 1, H|1, W|1) read at each output pixel's kernel centre (b, C, 1, H'|1, W'|1).
+
+        The bias of an output pixel is weighted by the selection where its kernel is centred on the
+        input; with "same" geometry that is the pixel itself.
+        """
+        ho, wo = self.output_size(x.shape[2], x.shape[3])
+        for dim, n_out in ((3, ho), (4, wo)):
+            n_in = pi_bar.shape[dim]
+            if n_in == 1:
+                continue
+            i = dim - 3
+            centre = torch.arange(n_out) * self.stride[i] - self.padding[i] + self.dilation[i] * (self.kernel_size[i] // 2)
+            pi_bar = pi_bar.index_select(dim, centre.clamp(0, n_in - 1).to(pi_bar.device))
+        return pi_bar
 
     def _raw_hard(self, x, labels):
         self._check(x)
         b, ci, h, w = x.shape
-        k = self.kernel_size
-        weight = self.weight[labels].reshape(-1, ci, k, k)  # (B * P*Co, Ci, k, k): only the selected kernels
-        out = F.conv2d(x.reshape(1, b * ci, h, w), weight, padding=self.padding, groups=b).view(b, -1, h, w)
+        weight = self.weight[labels].flatten(0, 1)  # (B * P*Co, Ci/g, kH, kW): only the selected kernels
+        out = self._conv(x.reshape(1, b * ci, h, w), weight, b * self.groups)
+        out = out.view(b, -1, *out.shape[2:])
         if self.bias is not None:
             out = out + self.bias[labels][:, :, None, None]
         return self._split(out)
 
     def _raw_all(self, x):
         self._check(x)
-        b, _, h, w = x.shape
-        out = F.conv2d(x, self.weight.flatten(0, 1), padding=self.padding)  # (B, C * P*Co, H, W)
-        out = out.view(b, self.num_classes, -1, h, w)
+        b, c, g = x.shape[0], self.num_classes, self.groups
+        # grouped conv splits its output channels group-major, so order the kernels (g, C, P*Co/g)
+        weight = self.weight.unflatten(1, (g, -1)).transpose(0, 1).flatten(0, 2)
+        out = self._conv(x, weight, g)  # (B, g * C * P*Co/g, H', W')
+        out = out.unflatten(1, (g, c, -1)).transpose(1, 2).flatten(2, 3)  # (B, C, P*Co, H', W')
         if self.bias is not None:
             out = out + self.bias[None, :, :, None, None]
-        return out.unflatten(2, (self.num_params, self.out_channels))  # (B, C, P, Co, H, W)
+        return torch.stack([self._split(out[:, k]) for k in range(c)], 1)  # (B, C, P, Co, H', W')
 
     def _raw_input(self, x, pi):
         self._check(x)
         b, ci, h, w = x.shape
-        c, k = self.num_classes, self.kernel_size
+        c = self.num_classes
         pi_e = expand_selection(pi, c, 3)  # (b, C, Ci|1, H|1, W|1)
         xin = (x.unsqueeze(1) * pi_e).reshape(b, c * ci, h, w)  # pi_c ⊙ x for every class
-        out = F.conv2d(xin, self.weight.reshape(-1, ci, k, k), padding=self.padding, groups=c)
-        out = out.view(b, c, -1, h, w).sum(1)  # sum_c k_c * (pi_c ⊙ x)
+        out = self._conv(xin, self.weight.flatten(0, 1), c * self.groups)
+        out = out.view(b, c, -1, *out.shape[2:]).sum(1)  # sum_c k_c * (pi_c ⊙ x)
         if self.bias is not None:
-            pibar = pi_e.mean(2, keepdim=True)  # (b, C, 1, H|1, W|1): the selection at each output pixel
+            pibar = self._pi_at_output(pi_e.mean(2, keepdim=True), x)  # (b, C, 1, H'|1, W'|1)
             out = out + (pibar * self.bias[None, :, :, None, None]).sum(1)
         return self._split(out)
 
@@ -267,8 +366,10 @@ class SCNLLinear(SCNLBase):
         **dist_options: float,
     ) -> None:
         super().__init__(num_classes, distribution, incarnation=incarnation, selector=selector, **dist_options)
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"in_features and out_features must be >= 1, got {in_features!r}, {out_features!r}")
+        if not (isinstance(in_features, int) and isinstance(out_features, int) and in_features >= 1 and out_features >= 1):
+            raise ValueError(f"SCNLLinear: in_features and out_features must be integers >= 1, got {in_features!r}, {out_features!r}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"SCNLLinear: bias must be True or False, got {bias!r}")
         self.in_features, self.out_features = int(in_features), int(out_features)
         po = self.num_params * self.out_features
         self.weight = nn.Parameter(torch.empty(self.num_classes, po, self.in_features))
