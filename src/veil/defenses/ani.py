@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from veil.defenses.base import Defense
+from veil.defenses.base import Defense, Recipe
 
 
 def ani_mix(x: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -92,6 +92,11 @@ class AdaptiveNoiseInjection(Defense):
     name = "ani"
     knob = "lambda_"
     knob_direction = 1
+    #: §5.1: "SGD ... initial learning rate of 0.1 decayed with cosine annealing". Momentum 0.9 is not
+    #: stated in the paper; it is the usual companion of that schedule. Under SGD the step on psi is
+    #: proportional to the gradient, so lambda trades the two terms of Eq. 24 against each other; under
+    #: Adam (the loop's default) the step is normalised and the penalty wins outright past a threshold.
+    recipe = Recipe(optimizer="sgd", lr=0.1, momentum=0.9, schedule="cosine")
 
     def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, lambda_: float = 1e-4, hidden: int = 8) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)

@@ -42,6 +42,43 @@ class Stage:
     epoch_share: float = 1.0
 
 
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a defense's paper trains it (optimizer, learning rate, schedule); the one loop honours it.
+
+    A defense without a recipe (``Defense.recipe = None``) trains with the run's own settings
+    (``TrainConfig.lr`` and ``lr_schedule``, Adam). A recipe replaces those for every stage of that defense.
+
+    Attributes:
+        optimizer: ``"adam"`` or ``"sgd"``.
+        lr: Initial learning rate.
+        momentum: SGD momentum (ignored by Adam).
+        weight_decay: L2 weight decay.
+        schedule: ``"constant"`` or ``"cosine"`` (annealed to 0 over each stage's steps).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+
+
 class Defense(nn.Module, abc.ABC):
     """Base class of every obfuscation method (client-side ``encode``, server-side ``decode``).
 
@@ -55,6 +92,8 @@ class Defense(nn.Module, abc.ABC):
     knob: ClassVar[str] = ""
     #: +1 if a larger knob means more privacy (more noise), -1 if a smaller one does.
     knob_direction: ClassVar[int] = 1
+    #: The training recipe the method's paper prescribes (``None``: the run's own lr and schedule, Adam).
+    recipe: ClassVar[Recipe | None] = None
 
     def __init__(self, *, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
@@ -82,6 +121,18 @@ class Defense(nn.Module, abc.ABC):
     def output_shape(self) -> tuple[int, ...]:
         """Shape of one decoded record (what the server model consumes). Default: the input shape."""
         return self.input_shape
+
+    def client_parameter_count(self) -> int:
+        """Numbers the client must hold to run ``encode`` (for the client-cost report).
+
+        Default: every parameter of the defense. Methods whose defense object also holds a server-side
+        part (SVD's first server layer W, applied in ``decode``) count only the client's share.
+        """
+        return sum(p.numel() for p in self.parameters())
+
+    def server_parameter_count(self) -> int:
+        """Numbers of this defense that live on the server (applied in ``decode``); 0 by default."""
+        return 0
 
     def config(self) -> dict[str, Any]:
         """Constructor keyword arguments (JSON-serialisable) that rebuild this defense."""

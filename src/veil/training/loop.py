@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.data.tasks import Split, Task
-from veil.defenses.base import Defense, Stage
+from veil.defenses.base import Defense, Recipe, Stage
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -43,7 +43,8 @@ class TrainConfig:
         model: Server model name (``cnn`` or ``mlp``).
         epochs: Epochs in all, shared among the defense's stages.
         batch_size: Records per batch.
-        lr: Adam learning rate.
+        lr: Adam learning rate (defenses that declare a :class:`~veil.defenses.base.Recipe`, such as ANI's
+            SGD at 0.1 with cosine annealing, train with their recipe instead).
         seed: Seed for data order, initialisation and training noise.
         train_size: Keep only this many training records (``None``: all).
         lr_schedule: ``constant`` (Adam at ``lr`` throughout) or ``cosine`` (``lr`` decayed to 0 along a
@@ -88,10 +89,47 @@ class TrainConfig:
 
 
 def stage_epochs(stages: list[Stage], epochs: int) -> list[int]:
-    """Split ``epochs`` among stages by their ``epoch_share`` (every stage gets at least one)."""
-    total = sum(s.epoch_share for s in stages)
-    counts = [max(1, round(epochs * s.epoch_share / total)) for s in stages]
+    """Split ``epochs`` among stages by their ``epoch_share``; the counts sum to ``epochs`` exactly.
+
+    Largest-remainder apportionment: each stage gets the floor of its quota ``epochs * share / total``,
+    the epochs left over go to the largest remainders (earlier stage first on ties), and a stage left
+    with 0 takes one from the stage with the most, so every stage runs. With fewer epochs than stages
+    every stage gets one epoch (the sum is then ``len(stages)``; :func:`fit` says so in its log).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not stages:
+        raise ValueError("a defense must have at least one stage")
+    shares = [float(s.epoch_share) for s in stages]
+    if any(not (sh > 0 and math.isfinite(sh)) for sh in shares):
+        raise ValueError(f"epoch_share must be a positive number for every stage, got {shares}")
+    if epochs <= len(stages):
+        return [1] * len(stages)
+    quotas = [epochs * sh / sum(shares) for sh in shares]
+    counts = [int(math.floor(q)) for q in quotas]
+    by_remainder = sorted(range(len(stages)), key=lambda i: (-(quotas[i] - counts[i]), i))
+    for i in by_remainder[: epochs - sum(counts)]:
+        counts[i] += 1
+    for i, n in enumerate(counts):
+        if n == 0:
+            donor = max(range(len(counts)), key=lambda j: (counts[j], -j))
+            counts[donor] -= 1
+            counts[i] = 1
     return counts
+
+
+def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
+    """The optimizer ``recipe`` names over ``params`` (its learning rate is set per step by :func:`fit`)."""
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def training_recipe(defense: Defense, config: "TrainConfig") -> Recipe:
+    """The defense's own recipe where its paper prescribes one, else Adam at the run's lr and schedule."""
+    if defense.recipe is not None:
+        return defense.recipe
+    return Recipe(optimizer="adam", lr=config.lr, schedule=config.lr_schedule)
 
 
 def train_step(
@@ -158,6 +196,9 @@ def fit(
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     stages = defense.stages()
     counts = stage_epochs(stages, config.epochs)
+    if sum(counts) != config.epochs:
+        log(f"[{defense.name}] {config.epochs} epoch(s) for {len(stages)} stages: each stage runs 1 epoch ({sum(counts)} in all)")
+    recipe = training_recipe(defense, config)
     history: list[dict[str, Any]] = []
     for si, (stage, n_epochs) in enumerate(zip(stages, counts)):
         if si < start[0]:
@@ -170,7 +211,7 @@ def fit(
         params = _trainable(defense, model, stage)
         if not params:
             raise ValueError(f"stage {stage.name!r} of defense {defense.name!r} has nothing to train")
-        opt = torch.optim.Adam(params, lr=config.lr)
+        opt = make_optimizer(params, recipe)
         first = start[1] if si == start[0] else 0
         if first and optimizer_state is not None:
             opt.load_state_dict(optimizer_state)
@@ -181,7 +222,7 @@ def fit(
             steps = len(loader)
             for i, (x, y) in enumerate(loader):
                 for group in opt.param_groups:
-                    group["lr"] = config.lr * lr_factor(config.lr_schedule, epoch * steps + i, n_epochs * steps)
+                    group["lr"] = recipe.lr * lr_factor(recipe.schedule, epoch * steps + i, n_epochs * steps)
                 loss, logits = train_step(defense, model, x, y, stage)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r}, epoch {epoch + 1}; lower --lr or the knob")

@@ -1,0 +1,89 @@
+"""The one training loop: how epochs are shared among stages and which optimizer a defense trains with."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from veil.data.tasks import load_task
+from veil.defenses.base import Recipe, Stage
+from veil.training.loop import TrainConfig, fit, stage_epochs
+from veil.training.run import build
+
+
+def stages(*shares: float) -> list[Stage]:
+    return [Stage(f"s{i}", epoch_share=s) for i, s in enumerate(shares)]
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5), (0.25, 0.5, 0.25), (1, 1, 1), (0.1, 0.9), (1, 2, 3, 4)])
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4, 5, 7, 10, 50])
+def test_stage_epochs_sum_exactly_and_every_stage_runs(shares, epochs):
+    counts = stage_epochs(stages(*shares), epochs)
+    assert len(counts) == len(shares) and min(counts) >= 1
+    if epochs >= len(shares):
+        assert sum(counts) == epochs, (shares, epochs, counts)
+        # no stage is further than one epoch from its exact quota, unless lifted to its minimum of 1
+        for n, s in zip(counts, shares):
+            quota = epochs * s / sum(shares)
+            assert abs(n - quota) < 1 or n == 1
+    else:
+        assert counts == [1] * len(shares)
+
+
+def test_stage_epochs_known_values():
+    # the issue's cases: 3 and 5 epochs over two halves were rounded to 4 before
+    assert stage_epochs(stages(0.5, 0.5), 3) == [2, 1]
+    assert stage_epochs(stages(0.5, 0.5), 5) == [3, 2]
+    assert stage_epochs(stages(0.25, 0.5, 0.25), 4) == [1, 2, 1]
+    assert stage_epochs(stages(0.1, 0.9), 10) == [1, 9]
+    with pytest.raises(ValueError, match="epochs"):
+        stage_epochs(stages(1), 0)
+    with pytest.raises(ValueError, match="epoch_share"):
+        stage_epochs(stages(1, 0), 4)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_task("digits-lt5", seed=0, train_size=256)
+
+
+def _optimizers(task, defense: str, epochs: int = 2, **cfg_kw) -> tuple[list, list[dict]]:
+    torch.set_num_threads(1)
+    cfg = TrainConfig(task="digits-lt5", defense=defense, epochs=epochs, batch_size=64, **cfg_kw)
+    _, d, model = build(cfg, task)
+    seen: list = []
+    history = fit(d, model, task, cfg, log=lambda s: None, on_epoch_end=lambda si, ep, opt, rec: seen.append((ep, opt, opt.param_groups[0]["lr"])))
+    return seen, history
+
+
+def test_ani_trains_with_its_papers_sgd_and_cosine_annealing(digits):
+    seen, history = _optimizers(digits, "ani", epochs=2)
+    assert len(history) == 2
+    (_, opt, lr_mid), (_, _, lr_end) = seen
+    assert type(opt) is torch.optim.SGD and opt.param_groups[0]["momentum"] == 0.9
+    # cosine annealing from 0.1 over 2 epochs of 4 steps (256 records / 64): the last step of epoch 1
+    # is step 3 of 8, the last of epoch 2 step 7 of 8
+    assert lr_mid == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 8)), rel=1e-6)
+    assert lr_end == pytest.approx(0.05 * (1 + math.cos(math.pi * 7 / 8)), rel=1e-6)
+
+
+def test_a_defense_without_a_recipe_uses_the_runs_adam_settings(digits):
+    seen, _ = _optimizers(digits, "gaussian", epochs=1, lr=3e-3)
+    ((_, opt, lr),) = seen
+    assert type(opt) is torch.optim.Adam and lr == 3e-3
+
+
+def test_a_two_stage_defense_gets_exactly_the_epochs_asked_for(digits):
+    _, history = _optimizers(digits, "shredder", epochs=3)
+    assert [r["stage"] for r in history] == ["pretrain", "pretrain", "noise"]
+
+
+def test_recipe_validates_its_fields():
+    with pytest.raises(ValueError, match="optimizer"):
+        Recipe(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="momentum"):
+        Recipe(optimizer="sgd", momentum=1.5)
+    with pytest.raises(ValueError, match="schedule"):
+        Recipe(schedule="step")
