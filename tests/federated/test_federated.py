@@ -77,6 +77,81 @@ def test_client_engine_receives_only_obfuscated_records(tmp_path, monkeypatch, d
     assert _clean_records_seen(seen, config) == 0
 
 
+def _watch_engine_inputs(monkeypatch) -> list[torch.Tensor]:
+    """Record every tensor handed to a client's local engine, in call order (all clients of round 1 first)."""
+    handed: list[torch.Tensor] = []
+    original = client_app.local_train
+
+    def spy(model, x, y, cfg, **kw):
+        handed.append(x.detach().clone())
+        return original(model, x, y, cfg, **kw)
+
+    monkeypatch.setattr(client_app, "local_train", spy)
+    return handed
+
+
+def _server_redraws(x_obf: torch.Tensor, seed: int, batch_size: int = 512) -> torch.Tensor:
+    """gaussian's eps as the server would redraw it from ``seed``: ``obfuscate`` encodes batch by batch,
+    each ``x + sigma * randn_like(x)`` from the global generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.cat([torch.randn_like(x_obf[i : i + batch_size]) for i in range(0, len(x_obf), batch_size)])
+
+
+def test_server_cannot_regenerate_or_reuse_client_noise(tmp_path, monkeypatch):
+    """The server holds config.json, the obfuscator (gaussian: nothing to learn but sigma), every round
+    number and partition id. It redraws eps from every seed it could know (each formula clients ever used:
+    seed + 1000*round + pid for training, seed + 5000 + 1000*round + pid (+1) for evaluation, the local
+    engine's seed + 7*round + pid, the obfuscator's seed + 7919*(pid + 1), seed + pid, seed) and
+    subtracts sigma * eps. Client noise must come from none of them, and no two rounds or clients may
+    share a stream."""
+    sigma = 0.5
+    config = _config(rounds=2, local_epochs=1, knob=sigma)
+    handed = _watch_engine_inputs(monkeypatch)
+    run_federated(config, tmp_path / "run", **QUIET)
+    clean = [client_data(config, k)[0].x for k in range(config.clients)]
+    assert len(handed) == config.rounds * config.clients
+    s = config.seed
+    noise = {}
+    for i, x_obf in enumerate(handed):
+        # the strategy samples nodes in any order: the client is the one whose records these are
+        pid = min(range(config.clients), key=lambda k: (x_obf - clean[k]).abs().mean().item() if x_obf.shape == clean[k].shape else float("inf"))
+        rnd = i // config.clients + 1
+        x = clean[pid]
+        assert x_obf.shape == x.shape and (x_obf - x).std().item() == pytest.approx(sigma, rel=0.1)
+        noise[rnd, pid] = (x_obf - x) / sigma
+        seeds = {s, s + pid, s + 7919 * (pid + 1)}
+        for r in range(0, config.rounds + 7):
+            seeds |= {s + 1000 * r + pid, s + 5000 + 1000 * r + pid, s + 5001 + 1000 * r + pid, s + 7 * r + pid}
+        # E|sigma (eps - eps')| = sigma * 2/sqrt(pi) ~ 0.56 for an independent redraw; ~0 for the right seed
+        best = min((x_obf - sigma * _server_redraws(x_obf, seed) - x).abs().mean().item() for seed in seeds)
+        assert best > 0.3, (rnd, pid, best)
+    assert len(noise) == config.rounds * config.clients
+    # no stream shared between two rounds of one client, nor between two clients of one round
+    first = noise[1, 0].flatten()[:2000]
+    for key, eps in noise.items():
+        if key != (1, 0):
+            e = eps.flatten()[:2000]
+            assert abs(torch.corrcoef(torch.stack([first, e]))[0, 1].item()) < 0.1, key
+            assert not torch.isin(first[:100], e).any(), key
+
+
+def test_clients_refuse_a_noise_setting_from_the_server():
+    from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
+
+    from veil.federated.simulation import InProcessGrid
+
+    config = _config(rounds=1)
+    grid = InProcessGrid(client_app.app, 1)
+    content = RecordDict({"arrays": ArrayRecord(create_model("cnn", (1, 8, 8), 2).state_dict()),
+                          "config": ConfigRecord({"veil-config": config.to_json(), "server-round": 1, "noise-seed": 1234})})
+    msg = grid.create_message(content, MessageType.TRAIN, 1000, "g")
+    with pytest.raises(ValueError, match="refusing the server's noise setting"):
+        client_app.train(msg, grid.contexts[1000])
+    with pytest.raises(ValueError, match="unknown federated config keys"):
+        FederatedConfig.from_dict({**config.to_dict(), "noise_seed": 1})
+
+
 def test_the_clean_record_check_fires_without_obfuscation(tmp_path, monkeypatch):
     config = _config(rounds=1, local_epochs=1, defense="none")
     seen = _watch_first_layer(monkeypatch, config)
@@ -105,7 +180,10 @@ def test_interrupted_run_resumes_at_the_last_round(tmp_path, monkeypatch):
     resumed = run_federated(config, tmp_path / "part", log=lines.append)
     assert any("resuming after round 1" in line for line in lines)
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
-    assert resumed["rounds"][1]["acc_clean"] == pytest.approx(full["rounds"][1]["acc_clean"])
+    # the rounds finished before the interruption are kept, not recomputed (client noise is fresh OS
+    # entropy, so a recomputed round would differ)
+    assert [r["acc_clean"] for r in resumed["rounds"][:2]] == [r["acc_clean"] for r in saved]
+    assert resumed["rounds"][0]["acc_clean"] == pytest.approx(full["rounds"][0]["acc_clean"])  # same round-0 model
     assert set(resumed["rounds"][-1]) == set(full["rounds"][-1])
 
 

@@ -21,7 +21,12 @@ _OBFUSCATORS: dict[tuple[str, int], Defense] = {}
 
 
 def _setup(msg: Message, context: Context) -> tuple[FederatedConfig, int, str]:
-    text = str(msg.content["config"]["veil-config"])
+    record = msg.content["config"]
+    asked = [k for k in record.keys() if "noise" in k.lower()]
+    if asked:
+        # the server must never choose (or learn) the seed of the noise that hides the records from it
+        raise ValueError(f"refusing the server's noise setting(s) {asked}: federated clients draw their obfuscation noise from the operating system's entropy only")
+    text = str(record["veil-config"])
     config = FederatedConfig.from_json(text)
     pid = int(context.node_config.get("partition-id", -1))
     if pid < 0:
@@ -43,8 +48,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     train_split, _ = client_data(config, pid)
     defense = _obfuscator(config, pid, text, train_split)
-    # trusted side: fresh noise every round, hard selection by the known label
-    x_obf = obfuscate_for_engine(defense, train_split, seed=config.seed + 1000 * server_round + pid)
+    # trusted side: hard selection by the known label, fresh OS-entropy noise every call (nothing the
+    # server knows, such as config.seed, the round or pid, seeds it)
+    x_obf = obfuscate_for_engine(defense, train_split)
     y = train_split.y
     del train_split  # nothing clean goes past this line
     # untrusted compute engine
@@ -65,11 +71,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     computed on the trusted side, like the obfuscation itself, never by the local training engine.
     """
     config, pid, text = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
     train_split, test = client_data(config, pid)
     defense = _obfuscator(config, pid, text, train_split)
     model = new_model(config)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    accs = evaluate_model(model, defense, test, seed=config.seed + 5000 + 1000 * server_round + pid)
+    accs = evaluate_model(model, defense, test)
     metrics = MetricRecord({**accs, "num-examples": len(test)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

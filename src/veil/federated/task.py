@@ -11,8 +11,10 @@ Where a client's obfuscator comes from (decided here):
   from ``veil train``), which each data owner received out of band.
 
 Then, every round, each client obfuscates *all* its training records with hard selection (labels are
-known: the training point of exposure) with fresh noise, and only the obfuscated tensor is handed to
-the local compute engine (:func:`local_train`), which never sees a clean record.
+known: the training point of exposure) with fresh noise from the operating system's entropy (never from
+the config, the round or the partition id, which the server knows), and only the obfuscated tensor and
+the primary labels are handed to the local compute engine (:func:`local_train`), which never sees a clean
+record nor the secondary label.
 """
 
 from __future__ import annotations
@@ -222,10 +224,14 @@ def client_obfuscator(config: FederatedConfig, partition_id: int, train: Split, 
     return defense
 
 
-def obfuscate_for_engine(defense: Defense, split: Split, *, seed: int, use_labels: bool = True) -> torch.Tensor:
-    """The trusted step: records as the compute engine receives them (hard selection when
-    ``use_labels``), with noise drawn from ``seed`` (fresh every round)."""
-    torch.manual_seed(seed)
+def obfuscate_for_engine(defense: Defense, split: Split, *, use_labels: bool = True) -> torch.Tensor:
+    """The trusted step: records as the compute engine receives them (hard selection when ``use_labels``).
+
+    The noise is drawn from the operating system's entropy, fresh for every call
+    (:func:`veil.training.run.obfuscate`). There is deliberately no seed argument: the config, the round
+    and the partition id all come from (or are known to) the server, so noise seeded by any of them
+    could be redrawn and subtracted by it.
+    """
     return obfuscate(defense, split.x, split.y if use_labels else None)
 
 
@@ -238,10 +244,11 @@ def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Fede
     )
 
 
-def evaluate_model(model: nn.Module, defense: Defense, split: Split, *, seed: int) -> dict[str, float]:
-    """Accuracy on ``split`` obfuscated at both points of exposure, and on the clean records."""
+def evaluate_model(model: nn.Module, defense: Defense, split: Split) -> dict[str, float]:
+    """Accuracy on ``split`` obfuscated at both points of exposure (fresh OS-entropy noise), and on the
+    clean records."""
     return {
-        "acc_training_exposure": model_accuracy(model, obfuscate_for_engine(defense, split, seed=seed), split.y),
-        "acc_inference": model_accuracy(model, obfuscate_for_engine(defense, split, seed=seed + 1, use_labels=False), split.y),
+        "acc_training_exposure": model_accuracy(model, obfuscate_for_engine(defense, split), split.y),
+        "acc_inference": model_accuracy(model, obfuscate_for_engine(defense, split, use_labels=False), split.y),
         "acc_clean": model_accuracy(model, split.x, split.y),
     }
