@@ -28,6 +28,12 @@ def test_incremental_command_writes_the_run(tmp_path):
     assert res.exit_code == 0, res.output
     saved = json.loads((out / "incremental.json").read_text())
     assert [s["p"] for s in saved["steps"]] == [20, 50]
+    assert saved["noise"] == "os-entropy"
+    # research opt-in: recorded in config.json and the result
+    res = runner.invoke(app, args[:-1] + [str(tmp_path / "seeded"), "--max-p", "20", "--reproducible-noise", "4"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "seeded" / "config.json").read_text())["noise_seed"] == 4
+    assert json.loads((tmp_path / "seeded" / "incremental.json").read_text())["noise"] == "reproducible"
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,10 +34,11 @@ def _structure(d):
 
 
 def test_two_steps_and_resume_give_the_same_result(tmp_path, task):
-    cfg = _config()
+    cfg = _config(noise_seed=11)  # research opt-in: reproducible hand-over noise, so a resume is exact
     full = run_incremental(cfg, tmp_path / "full", task=task, log=lambda s: None)
     assert [s["p"] for s in full["steps"]] == [10, 20]
     assert full["finished"] and not full["reached_target"]
+    assert full["noise"] == "reproducible" and full["noise_seed"] == 11
     for s in full["steps"]:
         assert 0.0 <= s["nn_prime_p"]["test_acc_clean"] <= 1.0
         assert s["clean_records"] + s["obfuscated_records"] == 400
@@ -61,6 +63,52 @@ def test_two_steps_and_resume_give_the_same_result(tmp_path, task):
     # a finished run is not retrained
     again = run_incremental(cfg, tmp_path / "part", task=task, log=lambda s: None)
     assert again == json.loads((tmp_path / "part" / "incremental.json").read_text())
+
+
+def _hand_overs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record what each NN'-p engine receives: (records, screened flags = the obfuscated ones)."""
+    import veil.training.incremental as inc
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    original = inc.fit_records
+
+    def spy(model, x, y, **kw):
+        if kw.get("name", "").startswith("NN'"):
+            seen.append((x.clone(), kw["screened"].clone()))
+        return original(model, x, y, **kw)
+
+    monkeypatch.setattr(inc, "fit_records", spy)
+    return seen
+
+
+def test_engine_holding_the_config_cannot_regenerate_the_hand_over_noise(tmp_path, task, monkeypatch):
+    """The engine that trains NN'-p may hold config.json and the code. It replays the run on records it
+    knows (all zeros: gaussian's noise does not depend on them), takes what it is handed there as
+    sigma * eps, and subtracts it from the real hand-over. With OS-entropy noise that recovers nothing."""
+    import dataclasses
+
+    sigma = 0.5
+    cfg = _config(max_p=10, attack_epochs=0, knob=sigma)
+    seen = _hand_overs(monkeypatch)
+    result = run_incremental(cfg, tmp_path / "real", task=task, log=lambda s: None)
+    assert result["noise"] == "os-entropy" and "noise_seed" not in result
+    zeros = dataclasses.replace(task, train=dataclasses.replace(task.train, x=torch.zeros_like(task.train.x)))
+    run_incremental(cfg, tmp_path / "replay", task=zeros, log=lambda s: None)
+    run_incremental(cfg, tmp_path / "again", task=task, log=lambda s: None)
+    (real, flags), (replay, _), (again, _) = seen
+    obf = flags.bool()
+    assert int(obf.sum()) == 360  # the (100 - p)% obfuscated records, after the p% clean ones
+    clean_rest = task.train.x[torch.sort(torch.as_tensor(_rest_index(cfg, task))).values]
+    assert (real[obf] - clean_rest).std().item() == pytest.approx(sigma, rel=0.1)
+    assert (replay[obf]).std().item() == pytest.approx(sigma, rel=0.1)
+    err = (real[obf] - replay[obf] - clean_rest).abs().mean().item()
+    assert err > 0.3, err  # ~ sigma * 2/sqrt(pi) = 0.56; a regenerated stream gives ~0
+    assert not torch.equal(real[obf], again[obf])  # the same config twice: two different hand-overs
+
+
+def _rest_index(cfg: IncrementalConfig, task) -> np.ndarray:
+    order = np.random.default_rng(cfg.seed).permutation(len(task.train))
+    return order[max(1, int(round(len(task.train) * cfg.start / 100))) :]
 
 
 def test_stops_once_the_target_is_reached(tmp_path, task):
@@ -112,6 +160,7 @@ def test_screening_touches_only_flagged_records():
         (dict(screen_ratio=1.0), "screen_ratio"),
         (dict(screen_mode="blob"), "screen_mode"),
         (dict(defense="nope"), "unknown defense"),
+        (dict(noise_seed=-1), "noise_seed must be a non-negative integer"),
     ],
 )
 def test_bad_settings_raise_clear_errors(kw, match):

@@ -41,10 +41,11 @@ def incremental_cmd(
     model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Records per batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation and training noise."),
+    seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation and training (never for the obfuscation noise of the hand-over)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", min=1, help="Evaluate on at most this many validation/test records."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
+    reproducible_noise: Optional[int] = typer.Option(None, "--reproducible-noise", min=0, metavar="SEED", help="Research only: draw the hand-over's obfuscation noise from SEED so the run repeats exactly (recorded in config.json and incremental.json); anyone holding SEED can remove the noise. Default: OS entropy."),
 ) -> None:
     """Incremental training with obfuscated data: grow p% clean records until NN'-p reaches the target."""
     from veil.training.incremental import IncrementalConfig, run_incremental
@@ -53,7 +54,7 @@ def incremental_cmd(
         config = IncrementalConfig(
             task=task, defense=_defense(defense), knob=lam, defense_options=_options(option), model=model, start=start, step=step, max_p=max_p,
             target=target, screen_ratio=screen_ratio, screen_mode=screen_mode, resume_clean=resume_clean, clean_epochs=clean_epochs, obfuscator_epochs=obfuscator_epochs,
-            resume_epochs=resume_epochs, attack_epochs=attack_epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, eval_size=eval_size,
+            resume_epochs=resume_epochs, attack_epochs=attack_epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, eval_size=eval_size, noise_seed=reproducible_noise,
         )
         result = run_incremental(config, out)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
@@ -83,7 +84,7 @@ def federated_cmd(
     model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Records per batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Client Adam learning rate."),
-    seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation and training noise."),
+    seed: int = typer.Option(0, "--seed", help="Seed for splits, initialisation and training (clients never seed their obfuscation noise from it: OS entropy)."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records in all."),
     eval_size: Optional[int] = typer.Option(None, "--eval-size", min=1, help="Use only this many test records (split among the clients)."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),

@@ -6,7 +6,9 @@ For p = start, start + step, ... (percent of the training split available in the
 2. **SL-p**: the obfuscator trained with (a copy of) NN-p on the same p% clean records, through the
    defense's own stages (:func:`veil.training.loop.fit`). This is the small trusted step.
 3. The other (100 - p)% are obfuscated once by SL-p with hard selection (their labels are known):
-   the *training* point of exposure. Only these obfuscated records reach the compute engine.
+   the *training* point of exposure. Only these obfuscated records (and their primary labels) reach the
+   compute engine. Their noise comes from the operating system's entropy, never from ``config.json``
+   (which the engine may hold); ``noise_seed`` is a research opt-in for exactly repeatable runs.
 4. **NN'-p**: NN-p resumed on clean p% + obfuscated (100 - p)%; every batch, each obfuscated record has
    a random part screened (hidden, set to 0) so the network cannot lean on SL-p's bias (§4.1).
 5. If NN'-p's validation accuracy misses the target, p grows by ``step`` and the loop repeats.
@@ -35,7 +37,7 @@ from veil.data.tasks import Split, Task, load_task
 from veil.defenses import Defense, create_defense, defense_class, list_defenses, with_knob
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
 from veil.models import create_model
-from veil.noise import seed_everything
+from veil.noise import OS_ENTROPY, REPRODUCIBLE, seed_everything
 from veil.training.loop import TrainConfig, fit
 from veil.training.run import obfuscate, open_run_folder
 
@@ -188,6 +190,9 @@ class IncrementalConfig:
             :mod:`veil.evaluation.attack`, early-stopped on obfuscated validation records; 0: no attack).
         batch_size, lr, seed: Training settings. train_size: Keep only this many training records.
         eval_size: Evaluate on at most this many validation/test records (None: all).
+        noise_seed: Research opt-in: draw the obfuscation noise of the hand-over from this seed, so the
+            run repeats exactly (and anyone holding ``config.json`` can redraw and remove the noise).
+            None (default): fresh noise from the operating system's entropy for every hand-over.
     """
 
     task: str = "digits-lt5"
@@ -211,6 +216,7 @@ class IncrementalConfig:
     seed: int = 0
     train_size: int | None = None
     eval_size: int | None = None
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("start", "step", "max_p"):
@@ -234,7 +240,20 @@ class IncrementalConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.eval_size is not None and self.eval_size < 1:
             raise ValueError(f"eval_size must be >= 1, got {self.eval_size!r}")
+        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) or self.noise_seed < 0):
+            raise ValueError(f"noise_seed must be a non-negative integer or None, got {self.noise_seed!r}")
         defense_class(self.defense)  # unknown name -> ValueError listing the valid ones
+
+    def noise_generator(self, p: float) -> torch.Generator | None:
+        """The hand-over's noise source at step ``p``: None (OS entropy) unless ``noise_seed`` is set,
+        then a generator seeded from (noise_seed, p), so a resumed run redraws the same noise."""
+        if self.noise_seed is None:
+            return None
+        return torch.Generator().manual_seed(self.noise_seed * 1_000_003 + int(round(p * 1000)))
+
+    def noise_source(self) -> dict[str, Any]:
+        """What the result files record about the noise."""
+        return {"noise": OS_ENTROPY} if self.noise_seed is None else {"noise": REPRODUCIBLE, "noise_seed": self.noise_seed}
 
     def percents(self) -> list[float]:
         """The p values tried, in order (the last one is ``max_p`` even off the step grid)."""
@@ -323,17 +342,19 @@ def run_incremental(
             sub = Task(task.name, clean, _head(val, 512), _head(val, 512), task.num_primary, task.num_secondary)
             fit(defense, helper, sub, TrainConfig(task=task.name, defense=config.defense, epochs=config.obfuscator_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 2), log=log)
         defense.eval()
-        # 3. obfuscate the rest with SL-p, hard selection by the known label (training exposure)
-        obf = obfuscate(defense, rest.x, rest.y) if len(rest) else torch.empty(0, *task.input_shape)
+        # 3. obfuscate the rest with SL-p, hard selection by the known label (training exposure); the
+        # noise is private (OS entropy): the engine may hold config.json, so nothing in it seeds the noise
+        gen = config.noise_generator(p)
+        obf = obfuscate(defense, rest.x, rest.y, generator=gen)
         # 4. NN'-p: NN-p resumed on clean + obfuscated, screening the obfuscated records
         nn_prime = copy.deepcopy(nn_p)
-        shown = clean.x if config.resume_clean else obfuscate(defense, clean.x, clean.y)
+        shown = clean.x if config.resume_clean else obfuscate(defense, clean.x, clean.y, generator=gen)
         x_all = torch.cat([shown, obf]) if len(rest) else shown
         y_all = torch.cat([clean.y, rest.y])
         flags = torch.cat([torch.full((len(clean),), not config.resume_clean), torch.ones(len(rest), dtype=torch.bool)])
         fit_records(nn_prime, x_all, y_all, epochs=config.resume_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 3, screened=flags, screen_ratio=config.screen_ratio, screen_mode=config.screen_mode, log=log, name=f"NN'-{p:g}")
 
-        test_obf = obfuscate(defense, test.x, test.y)
+        test_obf = obfuscate(defense, test.x, test.y, generator=gen)
         rec: dict[str, Any] = {
             "p": p,
             "clean_records": len(clean),
@@ -377,6 +398,7 @@ def _finish(config: IncrementalConfig, out: Path, steps: list[dict[str, Any]], r
         "config": config.to_dict(),
         "exposure": "NN-p: clean test records; NN'-p: clean test records and test records obfuscated by SL-p with hard selection (training exposure); privacy: veil.evaluation attackers (linear, CNN) trained on SL-p obfuscations of the (100-p)% records (training exposure), scored on obfuscated test records",
         "target_metric": "NN'-p accuracy on the clean validation split",
+        **config.noise_source(),
         "reached_target": bool(reached),
         "final_p": steps[-1]["p"],
         "steps": steps,
