@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, floor, stem.with_suffix(".png"), f"{args.defense} on {args.task} ({args.train_size} train, {args.epochs} epochs)")
     print(f"{'lambda':>8} {'primary':>8} {'train-exp':>9} {'KL':>7} {'scale':>7} {'attack':>7} {'selector':>8} {'client':>7}")
     for r in rows:
-        print(f"{r['lambda']:>8} {r['primary_acc']:>8.4f} {r['primary_acc_training_exposure']:>9.4f} {r.get('noise_kl', float('nan')):>7.4f} "
+        print(f"{r['lambda']:>8} {r['primary_acc']:>8.4f} {r['label_readback_training_exposure']:>9.4f} {r.get('noise_kl', float('nan')):>7.4f} "
               f"{r.get('noise_noise_scale', float('nan')):>7.4f} {r['attack_acc']:>7.4f} {r.get('selector_acc', float('nan')):>8.4f} {r['client_flops_share']:>7.4f}")
     print(f"primary-only floor {floor:.4f}; monotone: {summary['monotone']}; wrote {stem}.json/.csv/.png")
     return 0

@@ -33,6 +33,28 @@ class LabelOnlyWhenKnown(Defense):
         return noise + 4.0 * y.float().view(-1, 1, 1, 1)
 
 
+class Constant(Defense):
+    """Sends zeros whatever the record: the message carries nothing (neither x nor y)."""
+
+    name = "constant"
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, y)
+        return torch.zeros_like(x)
+
+
+class LeaksInTrainMode(Defense):
+    """Noise in eval mode; in train mode (while it trains) it sends the record plus a little noise,
+    as a method whose training-time messages differ from its deployed ones might."""
+
+    name = "leaks-in-train-mode"
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        self.check_input(x, y)
+        noise = torch.randn_like(x)
+        return x + 0.1 * noise if self.training else noise
+
+
 class Flatten(Defense):
     """Sends the record as a vector (B, C*H*W), like methods that transmit coefficients."""
 
@@ -48,8 +70,10 @@ class Flatten(Defense):
 
 @pytest.fixture(scope="session")
 def digits():
+    """digits-lt5 with half the train split kept (the defense's records, 539) and half held out (539):
+    the attackers train on the held-out half, as on a run trained with ``train_size``."""
     torch.set_num_threads(1)
-    return load_task("digits-lt5", seed=0)
+    return load_task("digits-lt5", seed=0, train_size=539)
 
 
 @pytest.fixture()
@@ -64,4 +88,4 @@ def make():
 @pytest.fixture(scope="session")
 def fakes():
     """The test-local defenses, by name (test modules cannot import conftest under importlib mode)."""
-    return {"pure-noise": PureNoise, "label-only": LabelOnlyWhenKnown, "flatten": Flatten}
+    return {"pure-noise": PureNoise, "label-only": LabelOnlyWhenKnown, "flatten": Flatten, "constant": Constant, "leaks-in-train-mode": LeaksInTrainMode}

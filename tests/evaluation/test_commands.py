@@ -36,10 +36,15 @@ def test_evaluate_writes_privacy_json(tmp_path):
     invoke(["train", "--task", "digits-lt5", "--defense", "gaussian", "--lambda", "0.5", "--epochs", "1", "--train-size", "300", "--out", run])
     invoke(["evaluate", run, *TINY])
     p = json.loads((run / "privacy.json").read_text())
-    for key in ("primary_acc", "primary_acc_training_exposure", "attack_acc", "attack_acc_training", "majority_floor",
-                "primary_only_floor", "averaging_attack_acc", "client_flops_share", "mi", "reconstruction", "evaluation_config"):
+    for key in ("primary_acc", "label_readback_training_exposure", "attack_acc", "attack_acc_training", "attack_acc_training_time",
+                "majority_floor", "primary_only_floor", "averaging_attack_acc", "client_flops_share", "mi", "reconstruction",
+                "evaluation_config", "attacker_records"):
         assert key in p, key
     assert set(p["attack"]["inference"]["attackers"]) == {"linear", "mlp"}
+    # the attackers trained on the 300 records the defense did not train on, as many as it had
+    assert p["attacker_records"]["train_records"] == 300 and p["attacker_records"]["disjoint_from_defense_training"] is True
+    assert p["attack"]["training"]["attacker_gets_label"] is True and p["attack"]["training-time"]["same_as"] == "training"
+    assert p["reconstruction"]["records"]["train_records"] == 300 and p["reconstruction"]["config"]["views"] == 1
     assert p["evaluation_config"]["attack"]["epochs"] == 2 and p["mi"]["config"]["samples"] == 100
     assert p["knob"] == "sigma" and p["knob_value"] == 0.5
     assert (run / "reconstruction.png").exists()
@@ -77,7 +82,8 @@ def test_sweep_resumes_after_interruption_and_report_draws_it(tmp_path, monkeypa
     for name in ("results.csv", "results.md", "tradeoff_attack_digits-lt5.png", "tradeoff_mi_digits-lt5.png"):
         assert (rep / name).exists(), name
     csv = (rep / "results.csv").read_text().splitlines()
-    assert len(csv) == 3 and csv[0].startswith("task,defense,knob,knob_value,primary_acc")
+    assert len(csv) == 3 and csv[0].startswith("task,defense,knob,knob_value,primary_acc,attack_acc")
+    assert "training_exposure" not in csv[0] and "primary (training" not in (rep / "results.md").read_text()
     assert "primary-only floor" in (rep / "results.md").read_text()
 
 

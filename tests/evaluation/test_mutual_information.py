@@ -43,12 +43,20 @@ def test_mi_orders_no_defense_above_destroying_defense(digits, make, fakes):
     assert clear["gaussian_bound"] is None
 
 
-def test_gaussian_defense_gets_its_bound_and_ksg_stays_below(digits):
-    d = create_defense("gaussian", input_shape=digits.input_shape, num_classes=2, sigma=0.5)
-    r = mutual_information(d, digits, MIConfig(samples=300, dims=4))
-    b = r["gaussian_bound"]
-    assert b["sigma"] == 0.5 and 0 < b["pca"] <= b["full"]
-    assert 0 < r["ksg"] < b["full"]
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gaussian_defense_ksg_stays_under_its_bound_on_the_same_reduction(digits, seed):
+    """The bound restricted to the PCA components KSG sees (1/2 sum over those eigenvalues) is the oracle:
+    I(PX; PX + PN) <= it for any X. KSG must stay under it at every noise level and seed, and must not be
+    vacuous (it underestimates, but by less than a factor of four here)."""
+    ksg = {}
+    for sigma in (0.5, 1.0):
+        d = create_defense("gaussian", input_shape=digits.input_shape, num_classes=2, sigma=sigma)
+        r = mutual_information(d, digits, MIConfig(samples=300, dims=4, seed=seed))
+        b = r["gaussian_bound"]
+        assert b["sigma"] == sigma and 0 < b["pca"] <= b["full"]
+        assert 0.25 * b["pca"] < r["ksg"] < b["pca"], (sigma, r["ksg"], b)
+        ksg[sigma] = r["ksg"]
+    assert ksg[0.5] > ksg[1.0]  # more noise, less information
 
 
 @pytest.mark.parametrize(

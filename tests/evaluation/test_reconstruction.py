@@ -17,6 +17,7 @@ def test_clear_records_reconstruct_well_and_grid_is_written(digits, tmp_path):
     r = reconstruction_attack(d, digits, FAST, grid_path=tmp_path / "grid.png", log=lambda s: None)
     assert r["psnr"] > 20 and r["ssim"] > 0.8
     assert r["psnr"] > r["baseline_psnr"] + 8
+    assert r["records"]["disjoint_from_defense_training"] is True and r["records"]["train_records"] == len(digits.train)
     png = (tmp_path / "grid.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -36,6 +37,20 @@ def test_vector_messages_are_decoded(digits, make, fakes):
     assert r["psnr"] > r["baseline_psnr"]
 
 
+def test_decoder_trains_on_fresh_obfuscations_per_view(digits, monkeypatch):
+    """Like the classifiers, the decoder sees ``views`` independent obfuscations of its training records."""
+    from veil.evaluation import reconstruction as module
+
+    drawn = []
+    real = module._messages
+    monkeypatch.setattr(module, "_messages", lambda d, split, exposure, k=1: drawn.append(real(d, split, exposure, k)) or drawn[-1])
+    d = create_defense("gaussian", input_shape=digits.input_shape, num_classes=2, sigma=1.0)
+    r = reconstruction_attack(d, digits, ReconstructionConfig(epochs=3, width=8, views=3), log=lambda s: None)
+    train_draws = [m for m in drawn if len(m) == r["records"]["train_records"]]
+    assert len(train_draws) == 3 and not torch.equal(train_draws[0], train_draws[1])
+    assert r["config"]["views"] == 3
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero")  # scikit-image on identical images (PSNR = inf, capped)
 def test_image_scores_against_identical_and_noisy_images():
     rng = np.random.default_rng(0)
@@ -46,7 +61,7 @@ def test_image_scores_against_identical_and_noisy_images():
     assert 15 < psnr2 < 25 and ssim2 < 1.0
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(epochs=0), "epochs must be >= 1"), (dict(exposure="serve"), "unknown exposure"), (dict(lr=0.0), "lr must be")])
+@pytest.mark.parametrize("kwargs, match", [(dict(epochs=0), "epochs must be >= 1"), (dict(exposure="serve"), "unknown exposure"), (dict(lr=0.0), "lr must be"), (dict(views=0), "views must be >= 1")])
 def test_bad_config_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReconstructionConfig(**kwargs)

@@ -12,20 +12,21 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-EXPOSURES = ("inference", "training")  # as veil.training.run.EXPOSURES; torch is imported only when a command runs
+EXPOSURES = ("inference", "training", "training-time")  # as veil.evaluation.attack.ATTACK_EXPOSURES; torch is imported only when a command runs
+ATTACKERS = "linear,mlp,cnn,cnn-bn,server"
 
 
 # shared option declarations (typer reads the defaults from these)
 _ATTACK_EPOCHS = typer.Option(40, "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
 _PATIENCE = typer.Option(6, "--patience", min=1, help="Attacker early-stopping patience (epochs without a better validation accuracy).")
-_ATTACK_TRAIN = typer.Option(None, "--attack-train-size", min=2, help="Obfuscated training records the attacker uses (default: the run's whole train split).")
+_ATTACK_TRAIN = typer.Option(None, "--attack-train-size", min=2, help="Obfuscated training records the attacker uses, disjoint from the defense's (default: as many as the defense trained on, where that many exist).")
 _ATTACK_TEST = typer.Option(None, "--attack-test-size", min=2, help="Obfuscated test records scored by the attacks (default: the whole test split).")
 _ATTACK_WIDTH = typer.Option(32, "--attack-width", min=1, help="Channels of the CNN attackers' first layer (doubling per block).")
 _RECON_WIDTH = typer.Option(64, "--recon-width", min=1, help="Channels of the reconstruction decoder.")
-_ATTACKERS = typer.Option("linear,mlp,cnn,cnn-bn", "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages).")
+_ATTACKERS = typer.Option(ATTACKERS, "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages), server (the run's own server model).")
 _VIEWS = typer.Option(4, "--views", min=1, help="Fresh obfuscations of the attacker's training set, cycled over epochs.")
 _AVG_K = typer.Option(8, "--averaging-k", min=0, help="Copies averaged by the averaging attack (0 or 1: off).")
-_EXPOSURES = typer.Option(",".join(EXPOSURES), "--exposures", help="Comma-separated points of exposure to attack: inference, training.")
+_EXPOSURES = typer.Option(",".join(EXPOSURES), "--exposures", help="Comma-separated points of exposure to attack: inference, training (attacker given y), training-time (messages sent in train mode, where they differ).")
 _RECON_EPOCHS = typer.Option(30, "--recon-epochs", min=0, help="Most epochs of the reconstruction decoder (0: skip the reconstruction attack).")
 _MI_DIMS = typer.Option(8, "--mi-dims", min=0, help="PCA dimensions for the KSG mutual-information estimate (0: skip MI).")
 _MI_K = typer.Option(3, "--mi-k", min=1, help="Neighbours in the KSG estimator.")
@@ -47,7 +48,7 @@ def build_eval_config(
     attack_train_size: Optional[int] = None,
     attack_test_size: Optional[int] = None,
     attack_width: int = 32,
-    attackers: str = "linear,mlp,cnn,cnn-bn",
+    attackers: str = ATTACKERS,
     views: int = 4,
     averaging_k: int = 8,
     exposures: str = ",".join(EXPOSURES),
@@ -69,7 +70,7 @@ def build_eval_config(
         test_size=attack_test_size, width=attack_width, views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
     )
     recon = None if recon_epochs == 0 else ReconstructionConfig(
-        epochs=recon_epochs, patience=min(5, recon_epochs), width=recon_width, train_size=attack_train_size, test_size=attack_test_size, seed=eval_seed
+        epochs=recon_epochs, patience=min(5, recon_epochs), width=recon_width, train_size=attack_train_size, test_size=attack_test_size, views=views, seed=eval_seed
     )
     mi = None if mi_dims == 0 else MIConfig(dims=mi_dims, k=mi_k, samples=mi_samples, seed=eval_seed)
     return EvalConfig(attack=attack, reconstruction=recon, mi=mi)
@@ -79,8 +80,8 @@ from veil.cli_common import fail as _fail, parse_options as _parse_options  # no
 
 
 def _summary(p: dict) -> dict:
-    keys = ("run", "defense", "knob", "knob_value", "primary_acc", "primary_acc_training_exposure", "attack_acc", "best_attacker",
-            "attack_acc_training", "averaging_attack_acc", "majority_floor", "primary_only_floor", "client_flops_share")
+    keys = ("run", "defense", "knob", "knob_value", "primary_acc", "attack_acc", "best_attacker", "attack_acc_training",
+            "attack_acc_training_time", "averaging_attack_acc", "majority_floor", "primary_only_floor", "client_flops_share")
     out = {k: p.get(k) for k in keys}
     out["mi_normalised"] = (p.get("mi") or {}).get("ksg_normalised")
     out["psnr"] = (p.get("reconstruction") or {}).get("psnr")

@@ -1,8 +1,10 @@
 """Reconstruction (inversion) attack: a decoder trained to turn obfuscated records back into the originals.
 
-The attacker holds the obfuscator, so it trains a decoder on pairs (``encode(x)``, ``x``) of the train
-split, early-stops on the validation split's mean squared error, and is scored on the test split with
-PSNR and SSIM (scikit-image). Inference exposure (``encode(x, None)``) unless told otherwise.
+The attacker holds the obfuscator, so it trains a decoder on pairs (``encode(x)``, ``x``) of records the
+defense did not train on (the attribute attack's records, :func:`veil.evaluation.attack.attacker_splits`),
+several fresh obfuscations (``views``) of each cycled over epochs, early-stops on the validation records'
+mean squared error, and is scored on the test split with PSNR and SSIM (scikit-image). Inference exposure
+(``encode(x, None)``) unless told otherwise.
 
 Decoders: image-shaped messages with the record's spatial size get a convolutional decoder that keeps the
 resolution; every other message (vectors such as SVD coefficients, or maps of another size) gets a fully
@@ -26,7 +28,7 @@ from torch.nn import functional as F
 
 from veil.data.tasks import Task
 from veil.defenses.base import Defense
-from veil.evaluation.attack import Standardize, _messages, _subset
+from veil.evaluation.attack import Standardize, _messages, _subset, attacker_splits
 from veil.noise import seed_everything
 from veil.training.run import EXPOSURES
 
@@ -41,8 +43,9 @@ class ReconstructionConfig:
         batch_size: Records per batch.
         lr: Adam learning rate.
         width: Channels of the convolutional decoder.
-        train_size: Training records used (``None``: the whole train split).
-        test_size: Test records scored (``None``: the whole test split).
+        train_size: Training records used, disjoint from the defense's (``None``: as many as the defense had).
+        test_size: Test records scored, and validation records for early stopping (``None``: the whole split).
+        views: Independent obfuscations of the training records, cycled over epochs (fresh noise).
         exposure: ``inference`` or ``training``.
         grid_records: Test records drawn in the PNG grid.
         seed: Seed of initialisation, order and noise.
@@ -57,10 +60,11 @@ class ReconstructionConfig:
     test_size: int | None = None
     exposure: str = "inference"
     grid_records: int = 8
+    views: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "patience", "batch_size", "width", "grid_records"):
+        for name in ("epochs", "patience", "batch_size", "width", "grid_records", "views"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -149,18 +153,21 @@ def reconstruction_attack(
     grid_path: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Train a decoder on obfuscated train records, score it on obfuscated test records.
+    """Train a decoder on obfuscated records the defense did not train on, score it on obfuscated test records.
 
     Returns ``psnr`` and ``ssim`` (test means), ``mse``, ``baseline_psnr``/``baseline_ssim`` (predicting
     the mean training record for every input: what a decoder that learnt nothing reaches), the decoder's
-    training record, ``data_range`` and the config; writes the PNG grid to ``grid_path`` if given.
+    training record, ``records`` (counts and sources), ``data_range`` and the config; writes the PNG grid
+    to ``grid_path`` if given.
     """
     config = config or ReconstructionConfig()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    tr = _subset(task.train, config.train_size, config.seed)
-    va, te = _subset(task.val, config.test_size, config.seed + 1), _subset(task.test, config.test_size, config.seed + 2)
+    tr, va, records = attacker_splits(task, config.train_size, config.test_size, config.seed)
+    te = _subset(task.test, config.test_size, config.seed + 2)
     seed_everything(config.seed + 13)
-    m_tr, m_va, m_te = (_messages(defense, s, config.exposure) for s in (tr, va, te))
+    views = [_messages(defense, tr, config.exposure) for _ in range(config.views)]
+    m_va, m_te = _messages(defense, va, config.exposure), _messages(defense, te, config.exposure)
+    m_tr = views[0]
     x_tr = tr.x
     lo, hi = float(x_tr.min()), float(x_tr.max())
     data_range = (hi - lo) or 1.0
@@ -170,8 +177,9 @@ def reconstruction_attack(
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     best, best_state, best_epoch, stall, t0, epoch = math.inf, None, 0, 0, time.time(), 0
-    log(f"[reconstruction/{config.exposure}] message shape {tuple(m_tr.shape[1:])} -> record {task.input_shape}; {len(tr)} train records")
+    log(f"[reconstruction/{config.exposure}] message shape {tuple(m_tr.shape[1:])} -> record {task.input_shape}; {len(tr)} train records x {len(views)} views")
     for epoch in range(1, config.epochs + 1):
+        m_tr = views[(epoch - 1) % len(views)]
         model.train()
         perm = torch.randperm(len(m_tr), generator=gen)
         for i in range(0, len(perm), config.batch_size):
@@ -213,6 +221,7 @@ def reconstruction_attack(
         "epochs_run": epoch,
         "seconds": round(time.time() - t0, 2),
         "test_records": len(te),
+        "records": records,
         "config": config.to_dict(),
     }
     log(f"[reconstruction/{config.exposure}] PSNR {psnr:.2f} dB, SSIM {ssim:.3f} (mean-image baseline {b_psnr:.2f} dB, {b_ssim:.3f})")

@@ -58,11 +58,15 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Attack a finished run folder and write ``RUN/privacy.json`` (atomically); return its content.
 
-    Keys: ``primary_acc`` and ``primary_acc_training_exposure`` (from metrics.json), ``attack_acc`` /
-    ``attack_acc_training`` (best attacker by validation accuracy, test accuracy), ``attack`` (every
-    attacker at every exposure, averaging attack, floors), ``majority_floor``, ``primary_only_floor``,
-    ``averaging_attack_acc``, ``mi``, ``reconstruction`` (PSNR/SSIM; grid in ``RUN/reconstruction.png``),
-    the client cost (FLOPs share) and both configs.
+    Keys: ``primary_acc`` (from metrics.json: the server's accuracy on inference messages, the accuracy a
+    user gets) and ``label_readback_training_exposure`` (the server's accuracy on training-exposure
+    messages, which carry the known label where the method hard-selects by it: a check, not an accuracy
+    anyone gets; read from the old key ``primary_acc_training_exposure`` in runs written before),
+    ``attack_acc`` / ``attack_acc_training`` / ``attack_acc_training_time`` (best attacker by validation
+    accuracy, test accuracy, per exposure; the attackers include the run's own server model), ``attack``
+    (every attacker at every exposure, averaging attack, floors, record counts), ``majority_floor``,
+    ``primary_only_floor``, ``averaging_attack_acc*``, ``mi``, ``reconstruction`` (PSNR/SSIM; grid in
+    ``RUN/reconstruction.png``), the client cost (FLOPs share) and both configs.
     """
     config = config or EvalConfig()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -71,7 +75,7 @@ def evaluate_run(
     metrics = read_json(run / "metrics.json")
     t0 = time.time()
     log(f"[evaluate] {run}: defense {defense.name}, {defense.knob or 'no knob'}={defense.knob_value()}")
-    attack = attribute_attack(defense, task, config.attack, log=log)
+    attack = attribute_attack(defense, task, config.attack, server_model=train_cfg.model, log=log)
     out: dict[str, Any] = {
         "run": str(run),
         "task": train_cfg.task,
@@ -79,14 +83,17 @@ def evaluate_run(
         "knob": defense.knob or None,
         "knob_value": defense.knob_value(),
         "primary_acc": metrics.get("primary_acc"),
-        "primary_acc_training_exposure": metrics.get("primary_acc_training_exposure"),
+        "label_readback_training_exposure": metrics.get("label_readback_training_exposure", metrics.get("primary_acc_training_exposure")),
         "attack_acc": attack.get("inference", {}).get("attack_acc"),
         "attack_acc_training": attack.get("training", {}).get("attack_acc"),
+        "attack_acc_training_time": attack.get("training-time", {}).get("attack_acc"),
         "best_attacker": attack.get("inference", {}).get("best"),
         "majority_floor": attack["majority_floor"],
         "primary_only_floor": attack["primary_only_floor"],
         "averaging_attack_acc": (attack.get("inference", {}).get("averaging") or {}).get("test_acc"),
         "averaging_attack_acc_training": (attack.get("training", {}).get("averaging") or {}).get("test_acc"),
+        "averaging_attack_acc_training_time": (attack.get("training-time", {}).get("averaging") or {}).get("test_acc"),
+        "attacker_records": (attack.get("inference") or attack.get("training") or attack.get("training-time") or {}).get("records"),
     }
     for key in ("client_flops_share", "client_flops", "server_flops", "client_params", "server_params"):
         out[key] = metrics.get(key)
