@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import List, Optional
 
 import typer
@@ -24,8 +25,15 @@ def parse_options(items: Optional[List[str]]) -> dict:
         if "=" not in item:
             raise ValueError(f"--option takes KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ValueError(f"--option takes KEY=VALUE with a non-empty KEY, got {item!r}")
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            parsed = value
+        if isinstance(parsed, float) and not math.isfinite(parsed):
+            raise ValueError(f"--option {key}: value must be a finite number, got {value!r}")
+        if key in out:
+            raise ValueError(f"--option {key} given twice")
+        out[key] = parsed
     return out
