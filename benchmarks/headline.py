@@ -3,20 +3,26 @@
 For each task (mnist-lt5, fashion-lt5) and each defense in ``veil.defenses.list_defenses()`` (no defense,
 fixed Gaussian noise, the SCNL variants, ANI, Cloak, Shredder, SVD, sample-and-hold, and whatever else is
 registered when it runs), at each knob value of ``KNOBS``: train the defense with the server model
-(``veil.training.train_run``), then evaluate it (``veil.evaluation.sweep.evaluate_run``): the best of four
-retrained attackers (linear, MLP, CNN, CNN with batch norm; early-stopped on obfuscated validation
-records, scored on obfuscated test records) at both points of exposure, the averaging attack, KSG mutual
-information, the reconstruction attack, client FLOPs share. Then draw the trade-off curves and tables.
+(``veil.training.train_run``), then evaluate it (``veil.evaluation.sweep.evaluate_run``): the best of five
+retrained attackers at least as strong as the engine (linear, MLP, CNN and CNN with batch norm at the
+server's width 32, and the server model itself; trained on as many obfuscated records as the defense had,
+none of them records the defense trained on; early-stopped on obfuscated validation records, scored on
+obfuscated test records; given y where the engine has it) at every point of exposure (inference, training,
+and the messages sent in train mode where they differ), the averaging attack, KSG mutual information, the
+reconstruction attack, client FLOPs share. Then draw the trade-off curves and tables.
 
-Sized for this 2-core CPU (one thread; progress and ETA on stderr). Measured here at the defaults
-(2026-11-26, the other core busy with other jobs): 74 runs (13 registered defenses x 3 knobs, `none` once,
-both tasks) in 104.7 min, 0 failures; a run takes 30-130 s (training 8000 records x 4 epochs plus the
-evaluation). The run is resumable: rerun the same command and finished runs are skipped.
+Cost. The earlier settings (attackers of width 8 on 2000 records, four architectures, two exposures) ran
+74 runs (13 registered defenses x 3 knobs, `none` once, both tasks) in 104.7 min here. The current
+attackers cost far more on this 2-core CPU: one epoch on 8000 28x28 messages takes about 0.5 s (linear),
+4-10 s (MLP), 7 s (server CNN), 22 s (CNN, width 32) and 70-90 s (CNN+BN, width 32) on one thread
+(measured 2026-11-26 with the other core busy), so a run's evaluation takes of the order of an hour; use
+``--device cuda`` on a GPU machine (attackers only; training stays on the CPU) or ``--attackers`` to
+choose fewer. The run is resumable: rerun the same command and finished runs are skipped.
 
     nice .venv/bin/python benchmarks/headline.py                      # the full comparison
     nice .venv/bin/python benchmarks/headline.py --tasks mnist-lt5 --defenses none,gaussian,scnl
     nice .venv/bin/python benchmarks/headline.py --knobs gaussian=0.5,2 --knobs scnl=0,3
-    nice .venv/bin/python benchmarks/headline.py --tiny --out /tmp/headline   # a 2-minute smoke test
+    nice .venv/bin/python benchmarks/headline.py --tiny --out /tmp/headline   # a few-minute smoke test
 
 Writes OUT/runs/TASK/DEFENSE/knob=VALUE/ (run folders with privacy.json), OUT/results.{csv,md},
 OUT/tradeoff_*.png, OUT/headline.json (settings, timings, failures) and OUT/README.md (the exact command).
@@ -64,18 +70,20 @@ KNOBS: dict[str, list[float | None]] = {
     "sample-and-hold": [0.0, 0.5, 0.9],  # gamma: degree of sanitization
 }
 
-#: Settings that fit both tasks, every registered defense and 3 knobs each in under two hours here.
+#: The comparison's settings. Attackers: width 32 (the server's), train_size None = as many records as the
+#: defense trained on (8000), drawn from the train records it did not keep (load_task's held_out).
 FULL = dict(
     train_size=8000, epochs=4, batch_size=64, val_size=2000, test_size=5000,
-    attack=dict(epochs=12, patience=3, batch_size=64, train_size=2000, val_size=1000, test_size=2000, width=8, views=2, averaging_k=4),
-    recon=dict(epochs=8, patience=2, batch_size=64, width=8, train_size=2000, test_size=1000),
+    attack=dict(epochs=12, patience=3, batch_size=64, train_size=None, val_size=1000, test_size=2000, width=32, views=2, averaging_k=4),
+    recon=dict(epochs=8, patience=2, batch_size=64, width=32, train_size=None, test_size=1000, views=2),
     mi=dict(samples=1000, dims=8, k=3, pca_fit_size=2000),
 )
-#: A smoke test of the whole pipeline (minutes): tiny sizes, weak attackers. Not a result.
+#: A smoke test of the whole pipeline (minutes): tiny sizes and few epochs, the same attacker architectures
+#: (width 32, as many disjoint records as the defense had). Not a result.
 TINY = dict(
     train_size=400, epochs=1, batch_size=64, val_size=300, test_size=500,
-    attack=dict(epochs=3, patience=2, train_size=300, val_size=200, test_size=300, width=8, views=1, averaging_k=2),
-    recon=dict(epochs=2, patience=2, width=8, train_size=300, test_size=200),
+    attack=dict(epochs=3, patience=2, train_size=None, val_size=200, test_size=300, width=32, views=1, averaging_k=2),
+    recon=dict(epochs=2, patience=2, width=32, train_size=None, test_size=200, views=1),
     mi=dict(samples=200, dims=4, k=3, pca_fit_size=300),
 )
 
@@ -94,8 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, help="training records per run (default 8000)")
     p.add_argument("--epochs", type=int, help="training epochs per run (default 4)")
     p.add_argument("--attack-epochs", type=int, help="most epochs per attacker (default 12, early stopping)")
-    p.add_argument("--attack-train-size", type=int, help="obfuscated training records per attacker (default 2000)")
-    p.add_argument("--attack-width", type=int, help="first-layer channels of the CNN attackers (default 8)")
+    p.add_argument("--attack-train-size", type=int, help="obfuscated training records per attacker, disjoint from the defense's (default: as many as the defense had)")
+    p.add_argument("--attack-width", type=int, help="first-layer channels of the CNN attackers (default 32, the server model's)")
+    p.add_argument("--attackers", help="comma-separated attackers (default: linear,mlp,cnn,cnn-bn,server)")
+    p.add_argument("--device", default="cpu", help="where the attackers train: cpu, cuda or auto (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine; 2 on an idle 2-core one)")
     return p.parse_args(argv)
@@ -111,6 +121,9 @@ def settings(args: argparse.Namespace) -> dict:
         s["attack"]["epochs"] = args.attack_epochs
     if args.attack_width is not None:
         s["attack"]["width"] = args.attack_width
+    if args.attackers is not None:
+        s["attack"]["attackers"] = tuple(a.strip() for a in args.attackers.split(",") if a.strip())
+    s["attack"]["device"] = args.device
     if args.attack_train_size is not None:
         s["attack"]["train_size"] = args.attack_train_size
         s["recon"]["train_size"] = args.attack_train_size
@@ -230,8 +243,9 @@ def write_readme(out: Path, command: str, s: dict, summary: dict, info: dict) ->
         f"```\n{command}\n```\n",
         f"Settings: training {s['train_size']} records x {s['epochs']} epochs per run (batch {s['batch_size']}, "
         f"validation and test splits cut to {s['val_size']} and {s['test_size']} records); attackers {s['attack']} "
-        f"(linear, MLP, CNN, CNN+BN; the reported attack accuracy is the test accuracy of the attacker with the "
-        f"best validation accuracy); reconstruction {s['recon']}; MI (KSG on PCA) {s['mi']}. "
+        f"(by default linear, MLP, CNN, CNN+BN and the run's own server model, trained on obfuscated records the defense "
+        f"did not train on, as many as it had, and given y at the training exposures; the reported attack accuracy is "
+        f"the test accuracy of the attacker with the best validation accuracy); reconstruction {s['recon']}; MI (KSG on PCA) {s['mi']}. "
         f"Wall time of this invocation {summary['seconds'] / 60:.1f} min; time spent in the runs now in the folder "
         f"(training + evaluation, summed over run folders, whichever invocation made them) {run_minutes(out / 'runs'):.1f} min.\n",
         "Floors: majority class, and the best guess of the secondary label from the primary one "

@@ -33,12 +33,25 @@ def test_headline_writes_table_plots_readme_and_resumes(headline, tmp_path):
     assert list(tmp_path.glob("tradeoff_attack_*.png"))
     gaussian = {float(r.split(",")[3]): r for r in rows[1:] if ",gaussian," in r}
     assert set(gaussian) == {0.3, 3.0}
+    # the attackers are at least the engine: its model among them, as many records as the defense had, none shared
+    p = json.loads(next(tmp_path.rglob("privacy.json")).read_text())
+    assert "server" in p["attack"]["inference"]["attackers"] and p["attack"]["config"]["width"] >= 32
+    assert p["attacker_records"]["train_records"] == 400 and p["attacker_records"]["disjoint_from_defense_training"] is True
     # rerun: every run is found finished and skipped (no training line logged)
     lines = []
     headline.log = lines.append
     assert headline.main(args) == 0
     assert not any(line.startswith("[none]") or line.startswith("[gaussian]") for line in lines)
     assert sum("already evaluated" in line for line in lines) == 3
+
+
+def test_attack_settings_are_at_least_the_engine(headline):
+    """Both presets: CNN attackers as wide as the server's cnn (32), as many attacker records as the defense had."""
+    for preset in (headline.FULL, headline.TINY):
+        assert preset["attack"]["width"] >= 32 and preset["recon"]["width"] >= 32
+        assert preset["attack"]["train_size"] is None or preset["attack"]["train_size"] >= preset["train_size"]
+        assert preset["recon"]["train_size"] is None or preset["recon"]["train_size"] >= preset["train_size"]
+        assert "attackers" not in preset["attack"]  # the default set, the server's own model included
 
 
 def test_headline_rejects_unknown_defense(headline, tmp_path):

@@ -201,6 +201,7 @@ def test_attackers_build_for_any_image_shape(name, shape):
         (dict(train_size=1), "train_size must be >= 2"),
         (dict(exposures=("serving",)), "unknown exposure 'serving'"),
         (dict(averaging_k=-2), "averaging_k must be >= 0"),
+        (dict(device="tpu"), "device must be cpu, cuda"),
     ],
 )
 def test_bad_config_is_named(kwargs, match):

@@ -85,6 +85,8 @@ class AttackConfig:
         averaging_k: Copies averaged by the averaging attack (0 or 1 turns it off).
         exposures: Points of exposure to attack (``inference``, ``training``, ``training-time``).
         seed: Seed of the attacker's initialisation, data order and noise draws.
+        device: Where the attackers train: ``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (cuda when available).
+            The messages are drawn on the CPU either way; numbers from another device differ slightly.
     """
 
     attackers: tuple[str, ...] = ("linear", "mlp", "cnn", "cnn-bn", "server")
@@ -101,6 +103,7 @@ class AttackConfig:
     averaging_k: int = 8
     exposures: tuple[str, ...] = ATTACK_EXPOSURES
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         valid = set(IMAGE_ATTACKERS) | set(VECTOR_ATTACKERS)
@@ -125,11 +128,21 @@ class AttackConfig:
         for e in self.exposures:
             if e not in ATTACK_EXPOSURES:
                 raise ValueError(f"unknown exposure {e!r}; valid: {', '.join(ATTACK_EXPOSURES)}")
+        if not (self.device in ("cpu", "auto") or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         object.__setattr__(self, "attackers", tuple(self.attackers))
         object.__setattr__(self, "exposures", tuple(self.exposures))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def torch_device(self) -> torch.device:
+        """The device the attackers train on (``auto`` resolved)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but no CUDA device is available")
+        return torch.device(self.device)
 
 
 # --------------------------------------------------------------------------------------- attackers
@@ -309,13 +322,18 @@ def make_attacker(
 
 
 # --------------------------------------------------------------------------------------- training
+def _on(device: torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [None if t is None else t.to(device, non_blocking=True) for t in tensors]
+
+
 @torch.no_grad()
 def _accuracy(model: nn.Module, m: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 1024) -> float:
     model.eval()
+    device = next(iter(model.buffers())).device  # Standardize's buffers: every attacker has them
     correct = 0
     for i in range(0, len(m), batch_size):
-        logits = model(m[i : i + batch_size], None if y is None else y[i : i + batch_size])
-        correct += int((logits.argmax(1) == z[i : i + batch_size]).sum())
+        mb, yb, zb = _on(device, m[i : i + batch_size], None if y is None else y[i : i + batch_size], z[i : i + batch_size])
+        correct += int((model(mb, yb).argmax(1) == zb).sum())
     return correct / max(1, len(m))
 
 
@@ -352,7 +370,8 @@ def train_attacker(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     seed_everything(config.seed)
-    model = make_attacker(name, train_views[0], num_classes, config, defense=defense, num_labels=num_labels, server_model=server_model)
+    device = config.torch_device()
+    model = make_attacker(name, train_views[0], num_classes, config, defense=defense, num_labels=num_labels, server_model=server_model).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     best_acc, best_epoch, best_state, stall = -1.0, 0, None, 0
@@ -367,7 +386,8 @@ def train_attacker(
             idx = perm[i : i + config.batch_size]
             if len(idx) < 2:  # batch norm needs two records
                 continue
-            loss = F.cross_entropy(model(m_train[idx], None if y_train is None else y_train[idx]), z_train[idx])
+            mb, yb, zb = _on(device, m_train[idx], None if y_train is None else y_train[idx], z_train[idx])
+            loss = F.cross_entropy(model(mb, yb), zb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -385,7 +405,8 @@ def train_attacker(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    rec = {"val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": epoch, "seconds": round(time.time() - t0, 2), "parameters": sum(p.numel() for p in params)}
+    rec = {"val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": epoch, "seconds": round(time.time() - t0, 2),
+           "parameters": sum(p.numel() for p in params), "device": str(device)}
     log(f"  attacker {name}: val acc {best_acc:.4f} (best epoch {best_epoch}/{epoch}, {rec['seconds']}s)")
     return model, rec
 
