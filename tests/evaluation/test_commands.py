@@ -110,3 +110,5 @@ def test_bad_inputs_are_named(tmp_path):
     assert result.exit_code == 2 and "not a run folder" in flat(result.output)
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--attackers", "resnet"])
     assert result.exit_code == 2 and "unknown attacker 'resnet'" in flat(result.output)
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--attack-device", "tpu"])
+    assert result.exit_code == 2 and "device must be" in flat(result.output)

@@ -32,6 +32,7 @@ _MI_DIMS = typer.Option(8, "--mi-dims", min=0, help="PCA dimensions for the KSG 
 _MI_K = typer.Option(3, "--mi-k", min=1, help="Neighbours in the KSG estimator.")
 _MI_SAMPLES = typer.Option(2000, "--mi-samples", min=5, help="Test pairs used by the KSG estimator.")
 _EVAL_SEED = typer.Option(0, "--eval-seed", help="Seed of the attackers, decoder and MI estimate.")
+_ATTACK_DEVICE = typer.Option("cpu", "--attack-device", help="Where the attackers train: cpu, cuda, cuda:N or auto (cuda when available).")
 
 
 def _split(text: str, what: str) -> tuple[str, ...]:
@@ -58,6 +59,7 @@ def build_eval_config(
     mi_k: int = 3,
     mi_samples: int = 2000,
     eval_seed: int = 0,
+    attack_device: str = "cpu",
 ) -> "EvalConfig":
     """The :class:`~veil.evaluation.sweep.EvalConfig` the CLI options describe (bad values raise ``ValueError``)."""
     from veil.evaluation.attack import AttackConfig
@@ -68,6 +70,7 @@ def build_eval_config(
     attack = AttackConfig(
         attackers=_split(attackers, "--attackers"), epochs=attack_epochs, patience=patience, train_size=attack_train_size,
         test_size=attack_test_size, width=attack_width, views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
+        device=attack_device,
     )
     recon = None if recon_epochs == 0 else ReconstructionConfig(
         epochs=recon_epochs, patience=min(5, recon_epochs), width=recon_width, train_size=attack_train_size, test_size=attack_test_size, views=views, seed=eval_seed
@@ -105,6 +108,7 @@ def evaluate_cmd(
     mi_k: int = _MI_K,
     mi_samples: int = _MI_SAMPLES,
     eval_seed: int = _EVAL_SEED,
+    attack_device: str = _ATTACK_DEVICE,
 ) -> None:
     """Attack a trained run: attribute inference (several retrained attackers, both exposures), MI, reconstruction."""
     from veil.evaluation.sweep import evaluate_run
@@ -113,7 +117,7 @@ def evaluate_cmd(
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
-                                   mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed)
+                                   mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
         result = evaluate_run(run, config)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
@@ -147,6 +151,7 @@ def sweep_cmd(
     mi_k: int = _MI_K,
     mi_samples: int = _MI_SAMPLES,
     eval_seed: int = _EVAL_SEED,
+    attack_device: str = _ATTACK_DEVICE,
 ) -> None:
     """Train and evaluate a defense at each knob value (resumable); then 'veil report OUT'."""
     from veil.evaluation.sweep import parse_knobs, sweep
@@ -155,7 +160,7 @@ def sweep_cmd(
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
-                                   mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed)
+                                   mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
         train = {"epochs": epochs, "train_size": train_size, "model": model, "batch_size": batch_size, "lr": lr, "seed": seed,
                  "defense_options": _parse_options(option)}
         results = sweep(task, defense, parse_knobs(lambdas), out, train=train, evaluation=config)
