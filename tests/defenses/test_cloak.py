@@ -1,5 +1,5 @@
 """Cloak (seed 002 Eq. 2-3): the output formula, the mask, the noise-maximising gradient (kept, not
-zeroed), the two stages, and the knob lambda_ moving sigma, primary accuracy and an attacker on digits-lt5."""
+zeroed), the three stages (pretrain, noise, suppress), and the knob lambda_ moving sigma, primary accuracy and an attacker on digits-lt5."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _train(task, lam: float):
 def test_knob_moves_noise_accuracy_and_attack(digits):
     attack = AttackConfig(attackers=("mlp",), epochs=10, patience=3, views=2, averaging_k=0, exposures=("inference",))
     low_d, low_acc = _train(digits, 0.0)
-    high_d, high_acc = _train(digits, 0.1)
+    high_d, high_acc = _train(digits, 0.3)
     with torch.no_grad():
         assert high_d.sigma().mean() > low_d.sigma().mean() + 0.3
         assert high_d.suppressed_fraction() > low_d.suppressed_fraction()
@@ -109,3 +109,34 @@ def test_knob_moves_noise_accuracy_and_attack(digits):
     low_att = attribute_attack(low_d, digits, attack, log=lambda s: None)["inference"]["attack_acc"]
     high_att = attribute_attack(high_d, digits, attack, log=lambda s: None)["inference"]["attack_acc"]
     assert high_att < low_att - 0.2, (low_att, high_att)
+
+
+def test_pretrain_stage_trains_only_the_server_model_on_clean_records():
+    """Cloak maximises sigma on a pre-trained model: the first stage is the model alone, no noise."""
+    from veil.models import create_model
+    from veil.training.loop import train_step
+
+    d = make(lambda_=1.0)
+    _spread(d)
+    assert [s.name for s in d.stages()] == ["pretrain", "noise", "suppress"]
+    pre = d.stages()[0]
+    assert pre.train_model and not pre.use_labels
+    d.set_stage("pretrain")
+    assert not d.r.requires_grad and not d.mu.requires_grad
+    x, y = torch.rand(8, *SHAPE), torch.tensor([0, 1] * 4)
+    assert torch.equal(d.encode(x), x), "pretrain sends the clean record"
+    model = create_model("cnn", SHAPE, 2)
+    loss, _ = train_step(d, model, x, y, pre)
+    loss.backward()
+    assert float(d.penalty()) == 0.0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert d.r.grad is None and d.mu.grad is None
+
+
+def test_fit_runs_pretrain_before_the_noise(digits):
+    cfg = TrainConfig(task="digits-lt5", defense="cloak", knob=0.1, epochs=4, seed=0)
+    _, d, model = build(cfg, digits)
+    torch.set_num_threads(1)
+    history = fit(d, model, digits, cfg, log=lambda s: None)
+    assert [r["stage"] for r in history] == ["pretrain", "noise", "noise", "suppress"]
+    assert history[0]["val_acc"] > 0.8, "the model is pre-trained on clean records"

@@ -34,9 +34,12 @@ class Cloak(Defense):
     ``encode`` returns x' of the input's shape (B, C, H, W). Server: the task model on x'.
     The label is never used by the client.
 
-    Training (two stages through the one loop; the server model is retrained in both, as the ANI
+    Training (three stages through the one loop; the server model trains in all of them, as the ANI
     paper does for Cloak):
 
+    0. ``"pretrain"``: the server model alone on clean records (no noise, rho and mu frozen): Cloak
+       maximises sigma on a pre-trained model, so the noise is learnt against a model that already reads
+       the task, not against a random one.
     1. ``"noise"``: rho (hence sigma) trains with b = 1 and mu = 0 to minimise cross-entropy plus
        ``penalty() = -lambda_ * ln(mean_i sigma_i^2)``: the noise-maximising term, whose gradient is
        kept (public ports that freeze rho never learn the noise).
@@ -113,18 +116,25 @@ class Cloak(Defense):
         return (self.sigma() < self.threshold).to(self.mu.dtype).detach()
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> x' (B, C, H, W), Eq. 2-3 with fresh noise on every call."""
+        """(B, C, H, W) -> x' (B, C, H, W), Eq. 2-3 with fresh noise on every call.
+
+        In the ``pretrain`` stage only: x itself (the server model's pre-training on clean records).
+        """
         self.check_input(x, y)
+        if self.stage == "pretrain":
+            return x
         v = self.sigma() * torch.randn_like(x)  # Eq. 3, reparameterised so the CE gradient reaches rho
         return cloak_perturb(x, v, self.mask(), self.mu)
 
     def penalty(self) -> torch.Tensor:
-        """``-lambda_ * ln(mean sigma^2)``: minimising it maximises the noise (phase 1 of Cloak)."""
+        """``-lambda_ * ln(mean sigma^2)``: minimising it maximises the noise (phase 1 of Cloak); 0 in pretrain."""
+        if self.stage == "pretrain":
+            return torch.zeros((), device=self._device())
         return -self.lambda_ * torch.log(self.sigma().pow(2).mean())
 
     # --------------------------------------------------------------------------- stages
     def stages(self) -> list[Stage]:
-        return [Stage("noise", epoch_share=0.5), Stage("suppress", epoch_share=0.5)]
+        return [Stage("pretrain", epoch_share=0.25), Stage("noise", epoch_share=0.5), Stage("suppress", epoch_share=0.25)]
 
     def set_stage(self, name: str) -> None:
         super().set_stage(name)
