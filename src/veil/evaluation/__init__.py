@@ -14,6 +14,7 @@ _EXPORTS = {
     "attribute_attack": "attack",
     "attack_exposure": "attack",
     "build_attacker": "attack",
+    "attacker_splits": "attack",
     "ReconstructionConfig": "reconstruction",
     "reconstruction_attack": "reconstruction",
     "MIConfig": "mutual_information",
