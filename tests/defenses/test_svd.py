@@ -232,3 +232,22 @@ def test_runs_through_train_run_and_reloads(tmp_path):
     _, task, d, model = load_run(tmp_path / "run")
     assert d.stage is None and d.epsilon == 0.2
     assert accuracy(d, model, task.test) == pytest.approx(metrics["primary_acc"])
+
+
+@pytest.mark.parametrize("keep", [1 / 16, 0.5])
+def test_client_cost_counts_the_projection_and_the_server_cost_counts_w(keep):
+    """Client: conv block + m' projections (2 m' n FLOPs); W (2 m n FLOPs, m n + m numbers) is the server's."""
+    from veil.models import count_flops, count_parameters
+    from veil.training.run import client_cost
+
+    d = random_defense(keep=keep)  # (1, 8, 8) -> conv 3x3 to 4 channels, pool: n = 4*4*4 = 64; W is m x n, m = 4*2*2 = 16
+    n, m, k = 64, 16, d.kept()
+    assert (d.n, d.m) == (n, m) and k == max(1, round(keep * 16))
+    model = create_model("cnn", d.output_shape(), 2)
+    cost = client_cost(d, model)
+    conv = 2 * 9 * 1 * 4 * 8 * 8  # multiply-adds of the 3x3 convolution, counted as 2 FLOPs each
+    assert cost["client_flops"] == conv + 2 * k * n
+    # the server rebuilds z' = V_m' alpha (2 m' n) and applies W (2 m n) before its model
+    assert cost["server_flops"] == 2 * k * n + 2 * m * n + count_flops(lambda h: model(h), d.output_shape())
+    assert cost["client_params"] == (4 * 9 + 4) + k * n  # conv block + the m' basis rows it projects on
+    assert cost["server_params"] == count_parameters(model) + m * n + m

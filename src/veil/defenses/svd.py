@@ -193,6 +193,14 @@ class SVDObfuscation(Defense):
             return float(self.last_kept.float().mean()) / self.n
         return self.kept() / self.n
 
+    def client_parameter_count(self) -> int:
+        """The client holds its conv block and the m' basis rows it projects on (not W: that is the server's)."""
+        return sum(p.numel() for p in self.client.parameters()) + self.kept() * self.n
+
+    def server_parameter_count(self) -> int:
+        """W and its bias (the first server layer, applied in ``decode``)."""
+        return sum(p.numel() for p in self.server_layer.parameters())
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Client model ``M_c``: (B, C, H, W) -> z (B, n)."""
         return self.client(x).flatten(1)
@@ -305,6 +313,10 @@ class SVDBoundedObfuscation(SVDObfuscation):
             removal_prob=removal_prob,
         )
         self.epsilon = float(epsilon)
+
+    def client_parameter_count(self) -> int:
+        """Conv block and all r basis rows (Theorem 1 needs every coefficient to pick m' per record)."""
+        return sum(p.numel() for p in self.client.parameters()) + self.rank * self.n
 
     def budget(self, alpha: torch.Tensor) -> torch.Tensor:
         """Absolute budget per record: ``epsilon * ||W z_S||`` = ``epsilon * ||s * alpha||``. (B, r) -> (B,)."""

@@ -28,7 +28,10 @@ With a selection pi, the two incarnations of seed §2.1.1 are::
 
 and the distribution's constraint (softplus scale, bounded mean) is applied to the mixed raw maps, so that
 hard selection equals either formula with ``pi = one_hot(label)`` (the oracle test checks this). The
-bias is weighted by pi so that the identity holds exactly.
+bias is weighted by pi so that the identity holds exactly; where pi has one value per input channel and
+pixel (a soft selection of the input's shape), the bias of an output pixel is weighted by the mean of
+pi_c over the input channels at that pixel (for a strided or padded convolution: at the input pixel the
+kernel is centred on).
 
 Everything here runs on the client. The privacy knob lives in the defense (:mod:`veil.defenses.scnl`):
 it scales :meth:`SCNLBase.kl`, the VIB charge of the information the layer lets through.

@@ -59,18 +59,25 @@ def _load_state(path: Path, defense: Defense, model: nn.Module) -> None:
 
 
 def client_cost(defense: Defense, model: nn.Module) -> dict[str, Any]:
-    """Client-side FLOPs and parameters of ``encode`` (inference path) against the server model's."""
+    """Client-side FLOPs and parameters of ``encode`` (inference path) against the server's.
+
+    The client counts ``encode`` only; the server counts ``decode`` (SVD's first layer W there) and the
+    task model, run on one message of the shape the client sends. Parameters follow the defense's own
+    split (:meth:`~veil.defenses.base.Defense.client_parameter_count` / ``server_parameter_count``).
+    """
     was = defense.training
     defense.eval()
     client = count_flops(lambda x: defense.encode(x), defense.input_shape)
-    server = count_flops(lambda x: model(x), defense.output_shape())
+    with torch.no_grad():
+        message_shape = tuple(defense.encode(torch.rand(1, *defense.input_shape)).shape[1:])
+    server = count_flops(lambda m: model(defense.decode(m)), message_shape)
     defense.train(was)
     return {
         "client_flops": client,
         "server_flops": server,
         "client_flops_share": client / server if server else None,
-        "client_params": count_parameters(defense),
-        "server_params": count_parameters(model),
+        "client_params": defense.client_parameter_count(),
+        "server_params": count_parameters(model) + defense.server_parameter_count(),
     }
 
 
