@@ -96,3 +96,42 @@ def test_research_generator_makes_obfuscate_repeatable():
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="same length"):
         obfuscate(defense, x, torch.zeros(5, dtype=torch.long))
+
+
+def _mt_words() -> list[int]:
+    """The 624 Mersenne Twister words of PyTorch's CPU generator (legacy state layout)."""
+    import numpy as np
+
+    return torch.get_rng_state().numpy()[24 : 24 + 8 * 624].view(np.uint64).astype(int).tolist()
+
+
+def _from_a_32_bit_seed(words: list[int]) -> bool:
+    """True if ``words`` is the state ``manual_seed`` gives: mt19937's init recurrence from word 0."""
+    return all(words[j] == (1812433253 * (words[j - 1] ^ (words[j - 1] >> 30)) + j) & 0xFFFFFFFF for j in range(1, 624))
+
+
+def test_cpu_stream_is_not_one_of_the_2_to_32_that_manual_seed_allows():
+    torch.manual_seed(2**40 + 5)
+    assert _from_a_32_bit_seed(_mt_words())  # the oracle recognises any seeded state
+    with private_noise():
+        assert not _from_a_32_bit_seed(_mt_words())
+        eps = torch.randn(20000)
+    assert abs(eps.mean().item()) < 0.05 and eps.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_adversary_searching_the_seed_space_torch_keeps_finds_nothing(monkeypatch):
+    """torch's CPU generator drops all but the low 32 bits of a seed, so a 63-bit OS seed still leaves
+    only 2**32 streams: a receiver who knows some noise values (blank background) can try them all. Here
+    the search is shrunk to 1024 candidates by fixing the OS seed's low bits in that range; the
+    adversary matches the first noise values of a record and must find nothing."""
+    import veil.noise
+
+    monkeypatch.setattr(veil.noise.secrets, "randbits", lambda bits: (123456789 << 32) + 737)
+    with private_noise():
+        observed = torch.randn(1, 1, 8, 8)  # as gaussian draws it for one record (sigma * eps on a blank)
+    hits = []
+    for candidate in range(1024):
+        torch.manual_seed(candidate)
+        if torch.allclose(torch.randn(1, 1, 8, 8)[0, 0, 0], observed[0, 0, 0]):
+            hits.append(candidate)
+    assert hits == []
