@@ -83,7 +83,12 @@ def export(
     with_labels: bool = typer.Option(False, "--with-labels", help="Also write y, z and index to a separate OUT.labels.npz for evaluation on your side; do not send it."),
     reproducible_noise: Optional[int] = typer.Option(None, "--reproducible-noise", min=0, metavar="SEED", help="Research only: draw the noise from SEED so the export can be repeated exactly (recorded in the metadata). Anyone holding SEED can remove the noise. Default: OS entropy, fresh every export."),
 ) -> None:
-    """Write records obfuscated exactly as the untrusted side receives them (the message, nothing else)."""
+    """Write records obfuscated exactly as the untrusted side receives them (the message, nothing else).
+
+    The noise comes from the operating system's entropy, fresh for every export: nothing in the run
+    folder (its seed included) can regenerate it. Labels for your own evaluation go to a separate file
+    (--with-labels).
+    """
     from veil.training import export_run
 
     try:
