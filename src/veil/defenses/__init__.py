@@ -10,6 +10,7 @@ from veil.defenses.base import Defense, Stage, check_batch
 # name -> "module:Class". One line per method; the contract test covers every entry.
 _REGISTRY: dict[str, str] = {
     "none": "veil.defenses.baselines:NoDefense",
+    "local": "veil.defenses.local:LocalDecision",
     "gaussian": "veil.defenses.baselines:GaussianNoise",
     "ani": "veil.defenses.ani:AdaptiveNoiseInjection",
     "cloak": "veil.defenses.cloak:Cloak",

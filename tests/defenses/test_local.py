@@ -1,0 +1,62 @@
+"""The on-device baseline ``local``: only the client's decision leaves, as a class template."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from veil.data import load_task
+from veil.defenses import create_defense
+from veil.defenses.local import LocalDecision
+from veil.models import create_model
+from veil.training.loop import TrainConfig, accuracy, fit
+from veil.training.run import client_cost
+
+
+def test_message_is_the_template_of_the_decision_and_ignores_the_label():
+    torch.manual_seed(0)
+    d = create_defense("local", input_shape=(1, 8, 8), num_classes=3)
+    d.eval()
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))
+    m = d.encode(x)
+    decision = d.logits(x).argmax(1)
+    # class k's template is the record filled with k / (K - 1): written here from that rule, not the code
+    expected = (decision.float() / 2).reshape(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    assert torch.equal(m, expected)
+    assert torch.equal(d.encode(x, y), m)  # the label supervises the classifier, it is never sent
+    assert torch.equal(d.predict(x), decision)
+
+
+def test_training_forward_sends_the_same_hard_decision():
+    torch.manual_seed(0)
+    d = create_defense("local", input_shape=(1, 8, 8), num_classes=2)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 2, (16,))
+    d.train()
+    m_train = d.encode(x, y)
+    assert d.penalty() > 0  # the classifier's cross-entropy on the known label
+    d.eval()
+    assert torch.equal(m_train, d.encode(x))
+
+
+def test_trained_on_digits_server_reads_the_client_decision():
+    task = load_task("digits-lt5")
+    torch.manual_seed(0)
+    d = create_defense("local", input_shape=task.input_shape, num_classes=2)
+    model = create_model("cnn", d.output_shape(), 2)
+    fit(d, model, task, TrainConfig(task="digits-lt5", defense="local", epochs=6, batch_size=32), log=lambda s: None)
+    client_acc = float((d.predict(task.test.x) == task.test.y).float().mean())
+    assert client_acc > 0.85
+    # the server sees only the decision, so it can at best repeat it
+    assert accuracy(d, model, task.test) == pytest.approx(client_acc, abs=0.02)
+
+
+def test_client_cost_is_a_few_percent_of_the_cnn_server_on_mnist():
+    d = create_defense("local", input_shape=(1, 28, 28), num_classes=2)
+    share = client_cost(d, create_model("cnn", d.output_shape(), 2))["client_flops_share"]
+    assert 0.01 < share < 0.06
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"hidden": 1.5}, {"classifier_weight": -1.0}])
+def test_bad_options_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        LocalDecision(input_shape=(1, 8, 8), num_classes=2, **bad)
