@@ -45,9 +45,14 @@ class Split:
         index = torch.as_tensor(index, dtype=torch.long)
         return Split(self.x[index], self.y[index], self.z[index], None if self.mask is None else self.mask[index])
 
-    def loader(self, batch_size: int, *, shuffle: bool, seed: int = 0, with_secondary: bool = False) -> DataLoader:
-        """Batches of (x, y) (or (x, y, z) with ``with_secondary``), reproducible with ``seed``."""
+    def loader(self, batch_size: int, *, shuffle: bool, seed: int = 0, with_secondary: bool = False, with_mask: bool = False) -> DataLoader:
+        """Batches of (x, y) (+ z with ``with_secondary``, + the region mask with ``with_mask``), reproducible
+        with ``seed``. ``with_mask`` on a split without masks raises ``ValueError``."""
         tensors = (self.x, self.y, self.z) if with_secondary else (self.x, self.y)
+        if with_mask:
+            if self.mask is None:
+                raise ValueError("this task has no region masks; region selection needs a task that carries them (e.g. fashion-tag)")
+            tensors = (*tensors, self.mask)
         gen = torch.Generator().manual_seed(seed)
         return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle, generator=gen)
 

@@ -92,6 +92,9 @@ class Defense(nn.Module, abc.ABC):
     knob: ClassVar[str] = ""
     #: +1 if a larger knob means more privacy (more noise), -1 if a smaller one does.
     knob_direction: ClassVar[int] = 1
+    #: Whether ``encode`` takes ``mask=`` (B, 1, H, W): the sensitive region, where the data owner knows it
+    #: (region selection). :meth:`encode_batch` hands it over; other defenses never see a mask.
+    uses_mask: ClassVar[bool] = False
     #: The training recipe the method's paper prescribes (``None``: the run's own lr and schedule, Adam).
     recipe: ClassVar[Recipe | None] = None
 
@@ -109,6 +112,16 @@ class Defense(nn.Module, abc.ABC):
     @abc.abstractmethod
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Obfuscate a batch on the client. (B, *input_shape) -> (B, *output_shape). Stochastic."""
+
+    def encode_batch(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``encode(x, y)``, plus the region ``mask`` for defenses that use one (:attr:`uses_mask`).
+
+        The one place the training loop, the attacks and the deployment path call: a mask is side
+        information the data owner holds at the training exposure, never part of the message.
+        """
+        if self.uses_mask and mask is not None:
+            return self.encode(x, y, mask=mask)  # type: ignore[call-arg]
+        return self.encode(x, y)
 
     def decode(self, m: torch.Tensor) -> torch.Tensor:
         """Server-side step from the transmitted message to the task model's input. Identity here."""

@@ -133,10 +133,14 @@ def training_recipe(defense: Defense, config: "TrainConfig") -> Recipe:
 
 
 def train_step(
-    defense: Defense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage
+    defense: Defense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and logits for one batch in ``stage`` (encode on the client, decode + model on the server)."""
-    m = defense.encode(x, y if stage.use_labels else None)
+    """Loss and logits for one batch in ``stage`` (encode on the client, decode + model on the server).
+
+    ``mask``: the records' region masks, handed to region-selection defenses in stages that use labels
+    (what the data owner knows), ignored otherwise.
+    """
+    m = defense.encode_batch(x, y if stage.use_labels else None, mask if stage.use_labels else None)
     logits = model(defense.decode(m))
     loss = F.cross_entropy(logits, y) + defense.penalty()
     return loss, logits
@@ -154,7 +158,8 @@ def accuracy(defense: Defense, model: nn.Module, split: Split, *, use_labels: bo
     correct = 0
     for i in range(0, len(split), batch_size):
         x, y = split.x[i : i + batch_size], split.y[i : i + batch_size]
-        logits = model(defense.decode(defense.encode(x, y if use_labels else None)))
+        mask = split.mask[i : i + batch_size] if use_labels and split.mask is not None else None
+        logits = model(defense.decode(defense.encode_batch(x, y if use_labels else None, mask)))
         correct += int((logits.argmax(1) == y).sum())
     defense.train(was[0])
     model.train(was[1])
@@ -218,12 +223,12 @@ def fit(
         for epoch in range(first, n_epochs):
             t0, total, correct, seen = time.time(), 0.0, 0, 0
             # a different but reproducible order every epoch, also after a resume
-            loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si + epoch)
+            loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si + epoch, with_mask=defense.uses_mask)
             steps = len(loader)
-            for i, (x, y) in enumerate(loader):
+            for i, (x, y, *mask) in enumerate(loader):
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * lr_factor(recipe.schedule, epoch * steps + i, n_epochs * steps)
-                loss, logits = train_step(defense, model, x, y, stage)
+                loss, logits = train_step(defense, model, x, y, stage, mask[0] if mask else None)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r}, epoch {epoch + 1}; lower --lr or the knob")
                 opt.zero_grad(set_to_none=True)

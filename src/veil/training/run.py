@@ -209,6 +209,7 @@ def obfuscate(
     x: torch.Tensor,
     y: torch.Tensor | None = None,
     *,
+    mask: torch.Tensor | None = None,
     batch_size: int = 512,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -222,6 +223,8 @@ def obfuscate(
         defense: The client's obfuscator (put in eval mode).
         x: Records (N, *defense.input_shape).
         y: Primary labels (N,) for the training exposure (hard selection); None: inference exposure.
+        mask: Region masks (N, 1, H, W) the data owner knows, for region-selection defenses at the
+            training exposure (ignored by the others; never part of the message).
         batch_size: Records encoded at a time.
         generator: Research opt-in: draw the noise from this seeded generator instead, so that it is
             reproducible (by anyone holding the seed). Measurements may use it; deployment must not.
@@ -233,7 +236,10 @@ def obfuscate(
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     defense.eval()
     with private_noise(generator):
-        parts = [defense.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        parts = [
+            defense.encode_batch(x[i : i + batch_size], None if y is None else y[i : i + batch_size], None if mask is None else mask[i : i + batch_size])
+            for i in range(0, len(x), batch_size)
+        ]
     return torch.cat(parts) if parts else torch.empty(0, *defense.output_shape())
 
 
@@ -280,7 +286,8 @@ def export_run(
     _, task, defense, _ = load_run(run)
     s = task.split(split)
     generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
-    m = obfuscate(defense, s.x, s.y if mode == "training" else None, generator=generator)
+    training = mode == "training"
+    m = obfuscate(defense, s.x, s.y if training else None, mask=s.mask if training else None, generator=generator)
     noise: dict[str, Any] = {"noise": OS_ENTROPY} if noise_seed is None else {"noise": REPRODUCIBLE, "noise_seed": noise_seed}
     info: dict[str, Any] = {"records": len(s), "message_shape": list(m.shape[1:]), "mode": mode, "split": split, **noise}
     message = {"x": m.reshape(len(s), -1).numpy().astype(np.float32), "shape": np.asarray(m.shape[1:], dtype=np.int64)}

@@ -1,0 +1,177 @@
+"""Region selection: an SCNL whose "classes" are regions of the record (seed 000 §2.2, per-pixel selection).
+
+For a secret that sits *beside* the task's content (a tag next to a garment, a licence plate on a car, a
+face in a scene) sending the task's decision cannot work: the engine must see the content. The seed's
+detection embodiment gives the tool: hard selection by *region* in training (pixel p passes through region
+r's kernels where the region mask says so) and a trained per-pixel selection at inference, when the
+regions are unknown.
+
+Here there are two regions, ``content`` (0) and ``sensitive`` (1), and one additive SCNL with a gain,
+template and scale tensor per region::
+
+    h = bound·tanh( sum_r pi_r ⊙ (gain_r ⊙ x + offset_r) / bound ) + softplus( sum_r pi_r ⊙ scale_r ) ⊙ eps
+
+The content region starts open (gain 1), the sensitive one closed (gain 0). ``pi`` is
+
+* the region mask, one-hot per pixel, where the data owner knows it (``encode(x, y, mask=...)``; the
+  training exposure; in training mode a random ``hard_fraction`` of the batch, the rest through the
+  selector, so that the server never relies on perfect masks);
+* otherwise ``pi(x)``, a per-pixel softmax from a small client CNN (the selector) trained with the masks
+  (per-pixel cross-entropy, weight ``selector_weight``); with ``sharpen`` each pixel takes its argmax
+  region at inference, so the selector's confidence is not sent.
+
+Knob ``lambda_`` (larger = more private): the VIB charge ``lambda_ · mean KL(q(h|x) || N(0, 1))`` over the
+whole output, which closes whatever the task does not pay for. Client: selector + elementwise layer.
+Server: nothing (it reads h).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from veil.defenses.base import Defense, Stage
+from veil.layers.scnl import SCNLAdditive, scale_learning_rate
+
+REGIONS = 2  # content, sensitive
+
+
+class PixelSelector(nn.Module):
+    """Per-pixel region selector: (B, C, H, W) -> region logits (B, REGIONS, H, W).
+
+    Two stride-2 convolutions and a dilated one see about 30 pixels of context at a quarter of the
+    resolution (a region is recognised from its surroundings, not from one pixel, and the cost stays near
+    1-2% of a small server CNN); the logits are upsampled bilinearly to the record's size.
+    """
+
+    def __init__(self, in_channels: int, width: int = 8) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(width, REGIONS, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SCNLRegion(Defense):
+    """SCNL with per-pixel region selection (mask in training, a pixel selector at inference).
+
+    Args:
+        lambda_: Weight of the VIB charge; larger = more private. >= 0.
+        selector_width: Channels of the pixel selector (its client cost).
+        hard_fraction: In training mode with masks, the share of each batch selected by the true mask.
+        selector_weight: Weight of the selector's per-pixel cross-entropy against the masks.
+        init_scale: Initial noise scale. bound, min_scale: the output distribution's mean bound and
+            least scale. lr_scale: the client layers learn this many times faster than the server model.
+        sharpen: At inference without a mask, each pixel takes its argmax region.
+    """
+
+    name: ClassVar[str] = "scnl-region"
+    knob: ClassVar[str] = "lambda_"
+    knob_direction: ClassVar[int] = 1
+    #: ``encode`` takes the sensitive region's mask where the data owner knows it.
+    uses_mask: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        lambda_: float = 1.0,
+        selector_width: int = 8,
+        hard_fraction: float = 0.5,
+        selector_weight: float = 1.0,
+        init_scale: float = 0.5,
+        bound: float = 3.0,
+        min_scale: float = 0.01,
+        lr_scale: float = 5.0,
+        sharpen: bool = True,
+    ) -> None:
+        super().__init__(input_shape=input_shape, num_classes=num_classes)
+        if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
+            raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
+        if not (isinstance(selector_width, int) and 1 <= selector_width <= 256):
+            raise ValueError(f"selector_width must be an integer in [1, 256], got {selector_width!r}")
+        if not 0 <= float(hard_fraction) <= 1:
+            raise ValueError(f"hard_fraction must lie in [0, 1], got {hard_fraction!r}")
+        if not float(selector_weight) >= 0:
+            raise ValueError(f"selector_weight must be >= 0, got {selector_weight!r}")
+        if not isinstance(sharpen, bool):
+            raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
+        if not (isinstance(lr_scale, (int, float)) and lr_scale > 0):
+            raise ValueError(f"lr_scale must be a number > 0, got {lr_scale!r}")
+        self.options = dict(
+            lambda_=float(lambda_), selector_width=int(selector_width), hard_fraction=float(hard_fraction),
+            selector_weight=float(selector_weight), init_scale=float(init_scale), bound=float(bound),
+            min_scale=float(min_scale), lr_scale=float(lr_scale), sharpen=sharpen,
+        )
+        self.lambda_ = float(lambda_)
+        layer = SCNLAdditive(self.input_shape, REGIONS, "gaussian", init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale))
+        with torch.no_grad():
+            layer.gain[1].zero_()  # the sensitive region starts closed
+        layer.selector = PixelSelector(self.input_shape[0], int(selector_width))
+        self.layer = scale_learning_rate(layer, float(lr_scale))
+        self._last_penalty: torch.Tensor | None = None
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def stages(self) -> list[Stage]:
+        """One joint stage in which the data owner's knowledge (labels, region masks) reaches ``encode``."""
+        return [Stage("joint", use_labels=True)]
+
+    def check_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """Validate a (B, 1, H, W) 0/1 region mask; return it as float."""
+        want = (batch, 1, *self.input_shape[1:])
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+            raise ValueError(f"mask must be a tensor of shape {want} (1 on the sensitive region), got {tuple(getattr(mask, 'shape', ()))}")
+        m = mask.float()
+        if not torch.all((m == 0) | (m == 1)):
+            raise ValueError("mask values must be 0 or 1")
+        return m
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Client side. x (B, C, H, W) [+ mask (B, 1, H, W)] -> h (B, C, H, W), a fresh sample.
+
+        ``y`` is not used by the selection (the regions do not depend on the task's label); it is validated
+        like every defense's.
+        """
+        self.check_input(x, y)
+        b = x.shape[0]
+        logits = self.layer.selector(x)  # (B, REGIONS, H, W)
+        if mask is not None:
+            m = self.check_mask(mask, b)
+            onehot = torch.cat([1 - m, m], 1)  # (B, REGIONS, H, W)
+            if self.training and self.options["hard_fraction"] < 1:
+                hard = (torch.rand(b, device=x.device) < self.options["hard_fraction"]).view(b, 1, 1, 1)
+                pi = torch.where(hard, onehot, torch.softmax(logits, 1))
+            else:
+                pi = onehot
+        elif self.options["sharpen"] and not self.training:
+            pi = F.one_hot(logits.argmax(1), REGIONS).permute(0, 3, 1, 2).to(x.dtype)
+        else:
+            pi = torch.softmax(logits, 1)
+        params = self.layer.distribution.constrain(self.layer.raw(x, pi=pi.unsqueeze(2)))
+        h = self.layer.distribution.rsample(params)
+        penalty = self.lambda_ * self.layer.kl(params).mean()
+        if mask is not None and self.training and self.options["selector_weight"] > 0:
+            # the sensitive region is the smaller one (about 1/8 of the pixels on fashion-tag): weigh it up so
+            # that the selector errs toward hiding
+            weight = torch.tensor([1.0, 4.0], device=x.device)
+            penalty = penalty + self.options["selector_weight"] * F.cross_entropy(logits, m[:, 0].long(), weight=weight)
+        self._last_penalty = penalty
+        return h
+
+    def penalty(self) -> torch.Tensor:
+        """``lambda_ * mean KL`` of the last encode (+ the selector's cross-entropy where masks were given)."""
+        if self._last_penalty is None:
+            return torch.zeros((), device=self._device())
+        return self._last_penalty

@@ -1,0 +1,93 @@
+"""Region selection (`scnl-region`): hard selection by the region mask follows the additive SCNL's equation
+pixel by pixel, the mask reaches encode only through encode_batch, masks are validated, and bad options are
+refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from veil.data.tasks import Split, Task
+from veil.defenses import create_defense
+from veil.training.loop import TrainConfig, fit
+
+
+def _defense(**kw):
+    torch.manual_seed(0)
+    d = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, **kw)
+    with torch.no_grad():  # distinct, non-trivial per-region parameters
+        d.layer.gain.copy_(torch.rand_like(d.layer.gain) * 2 - 0.5)
+        d.layer.offset.copy_(torch.randn_like(d.layer.offset))
+        d.layer.scale.copy_(torch.randn_like(d.layer.scale))
+    return d.eval()
+
+
+def test_mask_selection_follows_the_equation_per_pixel():
+    d = _defense(bound=3.0, min_scale=0.01)
+    x = torch.rand(4, 1, 12, 12)
+    mask = torch.zeros(4, 1, 12, 12, dtype=torch.uint8)
+    mask[:, :, 2:7, 5:11] = 1
+    torch.manual_seed(5)
+    h = d.encode_batch(x, None, mask)
+    torch.manual_seed(5)
+    eps = torch.randn(4, 1, 12, 12)
+    # region r = mask at each pixel; h = bound*tanh((gain_r x + offset_r)/bound) + (softplus(scale_r) + min) eps
+    r = mask.long()[:, 0]  # (B, H, W)
+    gain, offset, scale = d.layer.gain[:, 0], d.layer.offset[:, 0], d.layer.scale[:, 0, 0]  # (2, H, W)
+    pick = lambda t: torch.where(r == 1, t[1].expand_as(r.float()), t[0].expand_as(r.float()))  # noqa: E731
+    mu = 3.0 * torch.tanh((pick(gain) * x[:, 0] + pick(offset)) / 3.0)
+    sigma = F.softplus(pick(scale)) + 0.01
+    assert torch.allclose(h[:, 0], mu + sigma * eps[:, 0], atol=1e-5)
+
+
+def test_mask_is_only_handed_to_defenses_that_use_it():
+    x = torch.rand(2, 1, 12, 12)
+    mask = torch.ones(2, 1, 12, 12)
+    g = create_defense("gaussian", input_shape=(1, 12, 12), num_classes=3)
+    assert g.encode_batch(x, None, mask).shape == x.shape  # ignored, no TypeError
+    d = _defense()
+    torch.manual_seed(1)
+    with_mask = d.encode_batch(x, None, mask)
+    torch.manual_seed(1)
+    without = d.encode_batch(x, None, None)
+    assert not torch.allclose(with_mask, without)  # the mask changed the selection
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2, 2, 12, 12), torch.full((2, 1, 12, 12), 0.5), torch.ones(3, 1, 12, 12)])
+def test_bad_masks_are_refused(bad):
+    with pytest.raises(ValueError, match="mask"):
+        _defense().encode(torch.rand(2, 1, 12, 12), None, mask=bad)
+
+
+@pytest.mark.parametrize("opt", [dict(lambda_=-1), dict(selector_width=0), dict(hard_fraction=2), dict(sharpen="yes")])
+def test_bad_options_are_refused(opt):
+    with pytest.raises(ValueError):
+        create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, **opt)
+
+
+def test_training_with_masks_teaches_the_selector_where_the_region_is():
+    # a synthetic scene: class by the left half's brightness, a "tag" square at a random place on the right
+    g = torch.Generator().manual_seed(0)
+    n = 600
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.zeros(n, 1, 12, 12)
+    x[:, :, :, :6] = (0.2 + 0.6 * y.float()).view(n, 1, 1, 1)
+    mask = torch.zeros(n, 1, 12, 12, dtype=torch.uint8)
+    rows = torch.randint(0, 8, (n,), generator=g)
+    for i in range(n):
+        x[i, 0, rows[i] : rows[i] + 4, 7:11] = 1.0
+        mask[i, 0, rows[i] : rows[i] + 4, 7:11] = 1
+    split = lambda a, b: Split(x[a:b], y[a:b], rows[a:b], mask[a:b])  # noqa: E731
+    task = Task("synthetic-tag", split(0, 400), split(400, 500), split(500, 600), num_primary=2, num_secondary=8)
+    from veil.models import create_model
+
+    torch.manual_seed(0)
+    d = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=2, lambda_=0.1)
+    model = create_model("mlp", (1, 12, 12), 2)
+    fit(d, model, task, TrainConfig(task="synthetic-tag", defense="scnl-region", epochs=8, batch_size=32, lr=3e-3), log=lambda s: None)
+    with torch.no_grad():
+        pred = d.layer.selector(task.test.x).argmax(1)
+    truth = task.test.mask[:, 0] == 1
+    iou = float(((pred == 1) & truth).sum() / ((pred == 1) | truth).sum())
+    assert iou > 0.5, f"selector IoU with the true region {iou:.2f}"
