@@ -23,6 +23,7 @@ _REGISTRY: dict[str, str] = {
     "scnl-joint": "veil.defenses.scnl:SCNLJoint",
     "scnl-twostage": "veil.defenses.scnl:SCNLTwoStage",
     "scnl-private": "veil.defenses.scnl:SCNLPrivate",
+    "scnl-region": "veil.defenses.region:SCNLRegion",
 }
 
 
