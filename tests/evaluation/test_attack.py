@@ -107,6 +107,28 @@ def test_training_exposure_attacker_reads_y(digits, make, fakes):
     assert r["training"]["attack_acc"] >= prim - 0.04
 
 
+class IgnoresItsInput(torch.nn.Module):
+    """Stands for an under-trained attacker: one learnt bias per class, whatever the message and y."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(num_classes))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(h), -1)
+
+
+def test_an_attacker_below_the_floor_it_can_reach_is_flagged_under_trained(digits, make, fakes, monkeypatch):
+    d = make(fakes["constant"], digits)
+    cfg = AttackConfig(attackers=("linear",), exposures=("training",), **FAST)
+    fair = attribute_attack(d, digits, cfg, **QUIET)["training"]
+    assert fair["under_trained"] is False and fair["reachable_floor"] == pytest.approx(0.2, abs=0.03)
+    # given y, any sound attacker reaches the primary-only floor (~0.2); one that ignores y stays at ~0.1
+    monkeypatch.setattr("veil.evaluation.attack.build_attacker", lambda name, shape, n, width=32, **k: IgnoresItsInput(n))
+    weak = attribute_attack(d, digits, cfg, **QUIET)["training"]
+    assert weak["attack_acc"] < 0.11 and weak["under_trained"] is True
+
+
 def test_train_mode_messages_are_attacked_where_they_differ(digits, make, fakes):
     d = make(fakes["leaks-in-train-mode"], digits)
     x, y = digits.val.x[:32], digits.val.y[:32]

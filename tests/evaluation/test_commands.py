@@ -38,7 +38,7 @@ def test_evaluate_writes_privacy_json(tmp_path):
     p = json.loads((run / "privacy.json").read_text())
     for key in ("primary_acc", "label_readback_training_exposure", "attack_acc", "attack_acc_training", "attack_acc_training_time",
                 "majority_floor", "primary_only_floor", "averaging_attack_acc", "client_flops_share", "mi", "reconstruction",
-                "evaluation_config", "attacker_records"):
+                "evaluation_config", "attacker_records", "under_trained_exposures"):
         assert key in p, key
     assert set(p["attack"]["inference"]["attackers"]) == {"linear", "mlp"}
     # the attackers trained on the 300 records the defense did not train on, as many as it had

@@ -584,7 +584,8 @@ def attack_exposure(
     seconds, parameters), ``best`` (name of the attacker with the best validation accuracy), ``attack_acc``
     (its test accuracy), ``skipped`` (architectures that do not apply to this message shape, with the
     reason), ``message_shape``, ``attacker_gets_label``, ``records`` (counts and sources of the attacker's
-    records, :func:`attacker_splits`) and ``averaging`` (the same best architecture retrained and scored
+    records, :func:`attacker_splits`), ``reachable_floor`` and ``under_trained`` (the best attacker is more
+    than four binomial standard deviations below the floor its inputs allow) and ``averaging`` (the same best architecture retrained and scored
     on messages that are the mean of ``averaging_k`` draws; ``None`` if off).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -626,6 +627,14 @@ def attack_exposure(
         "records": records,
         "averaging": None,
     }
+    # any sound attacker reaches the floor its inputs allow (the majority class; from y, the primary-only
+    # floor): a best attacker clearly below it is under-trained, and its number is no evidence of privacy
+    floor = task.primary_only_floor() if labelled else task.majority_floor()
+    out["reachable_floor"] = floor
+    out["under_trained"] = out["attack_acc"] < floor - 4 * math.sqrt(floor * (1 - floor) / max(1, len(te)))
+    if out["under_trained"]:
+        log(f"[attack/{exposure}] WARNING: best attack {out['attack_acc']:.4f} is below the floor {floor:.4f} its inputs allow: "
+            "the attackers are under-trained (more epochs, records or views)")
     k = config.averaging_k
     if k > 1:
         if is_deterministic(defense, va.x[:64]) and exposure != "training-time":

@@ -94,6 +94,8 @@ def evaluate_run(
         "averaging_attack_acc_training": (attack.get("training", {}).get("averaging") or {}).get("test_acc"),
         "averaging_attack_acc_training_time": (attack.get("training-time", {}).get("averaging") or {}).get("test_acc"),
         "attacker_records": (attack.get("inference") or attack.get("training") or attack.get("training-time") or {}).get("records"),
+        # exposures whose best attacker sits clearly below the floor its inputs allow: no evidence of privacy there
+        "under_trained_exposures": [e for e in ("inference", "training", "training-time") if (attack.get(e) or {}).get("under_trained")],
     }
     for key in ("client_flops_share", "client_flops", "server_flops", "client_params", "server_params"):
         out[key] = metrics.get(key)
