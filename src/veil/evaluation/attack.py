@@ -420,7 +420,8 @@ def _subset(split: Split, size: int | None, seed: int) -> Split:
 
 
 def _concat(a: Split, b: Split) -> Split:
-    return Split(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), torch.cat([a.z, b.z]))
+    mask = torch.cat([a.mask, b.mask]) if a.mask is not None and b.mask is not None else None
+    return Split(torch.cat([a.x, b.x]), torch.cat([a.y, b.y]), torch.cat([a.z, b.z]), mask)
 
 
 def attacker_splits(task: Task, train_size: int | None, val_size: int | None, seed: int) -> tuple[Split, Split, dict[str, Any]]:
@@ -484,14 +485,17 @@ def training_time_copy(defense: Defense) -> Defense:
 
 
 @torch.no_grad()
-def _encode(defense: Defense, x: torch.Tensor, y: torch.Tensor | None, *, batch_size: int = 512) -> torch.Tensor:
-    """``defense.encode`` over batches, in whatever mode ``defense`` is in.
+def _encode(
+    defense: Defense, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None = None, *, batch_size: int = 512
+) -> torch.Tensor:
+    """``defense.encode_batch`` over batches (the region ``mask`` goes with ``y``), in whatever mode ``defense`` is in.
 
     Vector messages whose width varies from batch to batch (SVD in train mode sends a random number m' of
     coefficients) are zero-padded to the widest: a coefficient not sent reads as 0, which ``decode``
     treats the same way.
     """
-    parts = [defense.encode(x[i : i + batch_size], None if y is None else y[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
+    cut = lambda t, i: None if t is None else t[i : i + batch_size]  # noqa: E731
+    parts = [defense.encode_batch(x[i : i + batch_size], cut(y, i), cut(mask, i)).float() for i in range(0, len(x), batch_size)]
     if not parts:
         return torch.empty(0)
     if len({p.shape[1:] for p in parts}) > 1:
@@ -509,15 +513,17 @@ def _messages(defense: Defense, split: Split, exposure: str, k: int = 1) -> torc
     """
     if exposure == "training-time":
         sender = training_time_copy(defense)
-        y = split.y if _last_stage(defense).use_labels else None
+        labelled = _last_stage(defense).use_labels
     elif exposure in EXPOSURES:
         sender = defense.eval()
-        y = split.y if exposure == "training" else None
+        labelled = exposure == "training"
     else:
         raise ValueError(f"unknown exposure {exposure!r}; valid: {', '.join(ATTACK_EXPOSURES)}")
-    total = _encode(sender, split.x, y)
+    # the data owner's knowledge (label, region mask) reaches encode only where it is known
+    y, mask = (split.y, split.mask) if labelled else (None, None)
+    total = _encode(sender, split.x, y, mask)
     for _ in range(k - 1):
-        total += _encode(sender, split.x, y)
+        total += _encode(sender, split.x, y, mask)
     return total / k
 
 
@@ -529,34 +535,35 @@ def is_deterministic(defense: Defense, x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def ignores_label(defense: Defense, x: torch.Tensor, y: torch.Tensor) -> bool:
-    """True if ``encode(x, y)`` equals ``encode(x, None)`` under the same random state, i.e. the training
-    exposure sends exactly what the inference exposure sends (checked on these records)."""
+def ignores_label(defense: Defense, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """True if ``encode(x, y)`` (with the region ``mask`` where there is one) equals ``encode(x, None)``
+    under the same random state, i.e. the training exposure sends exactly what the inference exposure
+    sends (checked on these records)."""
     defense.eval()
     state = torch.get_rng_state()
-    a = defense.encode(x, None)
+    a = defense.encode_batch(x, None)
     torch.set_rng_state(state)
-    b = defense.encode(x, y)
+    b = defense.encode_batch(x, y, mask)
     return a.shape == b.shape and bool(torch.allclose(a, b))
 
 
 @torch.no_grad()
-def training_time_differs(defense: Defense, x: torch.Tensor, y: torch.Tensor, *, tries: int = 8) -> bool:
+def training_time_differs(defense: Defense, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None, *, tries: int = 8) -> bool:
     """True if what ``defense`` sends in train mode (last stage; y where that stage uses labels) differs
     from its eval-mode ``encode`` of the same records and label under the same random state.
 
     Checked under ``tries`` random states, since a method may change its train-mode message only now
     and then (SVD removes coefficients with probability ``removal_prob`` per batch).
     """
-    y_used = y if _last_stage(defense).use_labels else None
+    y_used, mask_used = (y, mask) if _last_stage(defense).use_labels else (None, None)
     sender = training_time_copy(defense)
     state = torch.get_rng_state()
     try:
         for _ in range(tries):
             trial = torch.get_rng_state()
-            a = defense.eval().encode(x, y_used)
+            a = defense.eval().encode_batch(x, y_used, mask_used)
             torch.set_rng_state(trial)
-            b = sender.encode(x, y_used)
+            b = sender.encode_batch(x, y_used, mask_used)
             if a.shape != b.shape or not bool(torch.allclose(a, b)):
                 return True
             torch.rand(1)  # the next try starts from another state
@@ -677,8 +684,8 @@ def attribute_attack(
         "server_model": server_model,
     }
     probe = task.val.subset(np.arange(min(64, len(task.val))))
-    same = ignores_label(defense, probe.x, probe.y)
-    differs = training_time_differs(defense, probe.x, probe.y)
+    same = ignores_label(defense, probe.x, probe.y, probe.mask)
+    differs = training_time_differs(defense, probe.x, probe.y, probe.mask)
     # exposures in dependency order, so that a reused result exists when it is needed
     for exposure in sorted(config.exposures, key=ATTACK_EXPOSURES.index):
         if exposure == "training-time" and not differs:
