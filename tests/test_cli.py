@@ -41,3 +41,21 @@ def test_bad_names_give_one_clear_error(tmp_path):
 def test_bad_option_syntax(tmp_path):
     r = runner.invoke(app, ["train", "--defense", "gaussian", "--option", "sigma", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_demo_shows_primary_accuracy_beside_the_attack_and_writes_the_figure(tmp_path):
+    out = tmp_path / "demo"
+    r = runner.invoke(app, ["demo", "--epochs", "4", "--attack-epochs", "6", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads((out / "demo.json").read_text())
+    rows, floor = result["rows"], result["primary_only_floor"]
+    assert list(rows) == ["none", "local", "scnl"] and 0.1 < floor < 0.3
+    for name, row in rows.items():
+        assert name in r.output and f"{row['primary_acc']:.3f}" in r.output and f"{row['attack_acc']:.3f}" in r.output
+        assert row["primary_acc"] > 0.8
+    # the clean record gives the digit away; the on-device decision tells only what y tells
+    assert rows["none"]["attack_acc"] > floor + 0.4
+    assert rows["local"]["attack_acc"] < floor + 0.1
+    assert rows["none"]["client_flops_share"] == 0 and 0.01 < rows["local"]["client_flops_share"] < 0.06
+    png = (out / "demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
