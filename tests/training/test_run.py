@@ -1,5 +1,7 @@
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,3 +178,83 @@ def test_run_saved_before_a_config_field_existed_is_still_recognised(tmp_path):
     lines = []
     train_run(CFG, tmp_path / "run", log=lines.append)
     assert any("already finished" in s for s in lines)
+
+
+def test_checkpoint_is_one_file_and_a_kill_between_epochs_loses_nothing(tmp_path):
+    """The whole resume state (weights, optimizer, progress, random state) is one atomically written file:
+    there is no moment at which the weights are of one epoch and the progress of another."""
+    full = train_run(CFG, tmp_path / "full", log=quiet)
+    seen = []
+
+    def interrupt(line):
+        if "epoch 2/" in line:
+            seen.append(sorted(p.name for p in (tmp_path / "cut").iterdir() if not p.name.startswith(".")))
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(CFG, tmp_path / "cut", log=interrupt)
+    assert seen == [["checkpoint.safetensors", "config.json"]]
+    resumed = train_run(CFG, tmp_path / "cut", log=quiet)
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    assert not (tmp_path / "cut" / "checkpoint.safetensors").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def interrupt(line):
+        if "epoch 2/" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(CFG, tmp_path / "cut", log=interrupt)
+    ckpt = tmp_path / "cut" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    progress = json.loads(meta["progress"])
+    save_file(tensors, str(ckpt), metadata={**meta, "progress": json.dumps({**progress, "epoch": 99})})
+    with pytest.raises(ValueError, match="cannot have reached"):
+        train_run(CFG, tmp_path / "cut", log=quiet)
+    save_file(tensors, str(ckpt), metadata={k: v for k, v in meta.items() if k != "param_groups"})
+    with pytest.raises(ValueError, match="damaged"):
+        train_run(CFG, tmp_path / "cut", log=quiet)
+
+
+def test_bad_command_writes_nothing_and_bad_output_folders_are_named(tmp_path):
+    bad = TrainConfig(task="digits-lt5", defense="gaussian", epochs=1, defense_options={"no_such_option": 1})
+    with pytest.raises(ValueError):
+        train_run(bad, tmp_path / "r", log=quiet)
+    assert not (tmp_path / "r" / "config.json").exists()
+    train_run(dataclasses.replace(bad, defense_options={}), tmp_path / "r", log=quiet)  # the corrected command runs
+    (tmp_path / "file").write_text("x")
+    for out, words in ((Path(""), "current directory"), (tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "is a file")):
+        with pytest.raises(ValueError, match=words):
+            train_run(CFG, out, log=quiet)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root ignores the mode bits
+            pytest.skip("running as root: a read-only folder is writable")
+        with pytest.raises(ValueError, match="not writable|cannot create"):
+            train_run(CFG, ro / "run", log=quiet)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_sample_and_hold_resumed_in_its_sanitize_stage_keeps_its_calibration(tmp_path):
+    # measured with setup called again on resume: windows [1, 3] -> [1, 4], primary 0.831 -> 0.753
+    cfg = TrainConfig(task="digits-lt5", defense="sample-and-hold", knob=0.25, epochs=8, batch_size=64)
+    full = train_run(cfg, tmp_path / "full", log=quiet)
+
+    def interrupt(line):
+        if "stage sanitize" in line and "epoch 3/" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "cut", log=interrupt)
+    resumed = train_run(cfg, tmp_path / "cut", log=quiet)
+    assert load_run(tmp_path / "cut")[2].windows.tolist() == load_run(tmp_path / "full")[2].windows.tolist()
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    assert resumed["primary_acc"] == full["primary_acc"]

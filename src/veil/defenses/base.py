@@ -166,7 +166,9 @@ class Defense(nn.Module, abc.ABC):
         """Hook called at the start of every stage with the server model and the training loader.
 
         Methods that derive something from the server model (SVD: its first layer) or from data
-        (sample-and-hold: its window length) do it here. Default: nothing.
+        (sample-and-hold: its window length) do it here, and keep the result in buffers: a stage resumed
+        from a checkpoint mid-way does not call ``setup`` again (the partly trained model would give another
+        answer), it restores the buffers. Default: nothing.
         """
 
     # ----------------------------------------------------------------------------- helpers

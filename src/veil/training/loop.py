@@ -211,14 +211,17 @@ def fit(
         defense.set_stage(stage.name)
         defense.train()
         model.train()
-        loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si)
-        defense.setup(model, loader)
+        first = start[1] if si == start[0] else 0
+        if first == 0:
+            # what setup derives (SVD's basis, sample-and-hold's windows) lives in the defense's buffers, so
+            # a stage resumed mid-way keeps it instead of recalibrating on a partly trained model
+            loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si)
+            defense.setup(model, loader)
         params = _trainable(defense, model, stage)
         if not params:
             raise ValueError(f"stage {stage.name!r} of defense {defense.name!r} has nothing to train")
         opt = make_optimizer(params, recipe)
-        first = start[1] if si == start[0] else 0
-        if first and optimizer_state is not None:
+        if first and optimizer_state:
             opt.load_state_dict(optimizer_state)
         for epoch in range(first, n_epochs):
             t0, total, correct, seen = time.time(), 0.0, 0, 0

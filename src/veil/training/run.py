@@ -6,12 +6,13 @@ A run folder holds::
     obfuscator.safetensors      the client side alone (defense weights + its config in metadata)
     model.safetensors           the server side (task model weights)
     metrics.json                primary accuracy (inference), label read-back (training exposure), client cost, history
-    checkpoint.safetensors      latest epoch's weights, with progress.json and optimizer.pt (resume)
+    checkpoint.safetensors      while training: weights, optimizer state, progress and random state in one file (resume)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch import nn
 
 from veil.data.tasks import Task, load_task
 from veil.defenses import Defense, create_defense, with_knob
-from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
+from veil.io import load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
 from veil.models import count_flops, count_parameters, create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, private_noise, seed_everything
 from veil.training.loop import TrainConfig, accuracy, fit
@@ -47,8 +48,8 @@ def _state(defense: Defense, model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_state(path: Path, defense: Defense, model: nn.Module) -> None:
-    tensors = load_weights(path)
+def _load_state(path: Path, defense: Defense, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    tensors = load_weights(path) if tensors is None else tensors
     d = {k[8:]: v for k, v in tensors.items() if k.startswith("defense.")}
     m = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
@@ -105,6 +106,7 @@ def open_run_folder(
     run is finished and its result is returned; otherwise ``config.json`` is written and ``None`` returned
     (the caller trains, resuming from whatever state it keeps there).
     """
+    check_output_folder(out)
     cfg_path = out / "config.json"
     if cfg_path.exists():
         if not config_matches(config, read_json(cfg_path)):
@@ -115,6 +117,25 @@ def open_run_folder(
     out.mkdir(parents=True, exist_ok=True)
     write_json(cfg_path, config.to_dict())
     return None
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that cannot hold a run, before anything is computed or written: the
+    current directory (an empty ``--out``), an existing file, a path under a file, a folder that cannot
+    be created or written."""
+    if str(out) in ("", "."):
+        raise ValueError("--out must name a run folder, not the current directory")
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+        if parent.exists():
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: the folder is not writable")
 
 
 def train_run(
@@ -130,28 +151,26 @@ def train_run(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
+    check_output_folder(out)
+    # everything the config names (task, defense, options, model) is built, and so validated, before
+    # the first file is written: a bad command leaves no config.json behind to block the corrected one
+    task, defense, model = build(config, task)
     finished = open_run_folder(out, config, "metrics.json", log=log)
     if finished is not None:
         return finished
-    task, defense, model = build(config, task)
 
     start, opt_state, history = (0, 0), None, []
-    progress = out / "progress.json"
-    if progress.exists() and (out / "checkpoint.safetensors").exists():
-        p = read_json(progress)
-        _load_state(out / "checkpoint.safetensors", defense, model)
-        start, history = (p["stage"], p["epoch"]), p["history"]
-        if (out / "optimizer.pt").exists():
-            opt_state = torch.load(out / "optimizer.pt", weights_only=True)
-        torch.set_rng_state(torch.tensor(p["rng"], dtype=torch.uint8))
+    ckpt = out / CHECKPOINT
+    for stale in ("progress.json", "optimizer.pt"):  # the checkpoint set of earlier versions
+        if (out / stale).exists():
+            raise ValueError(f"{out}: holds a checkpoint in an older format ({stale}); delete {out} and train again")
+    if ckpt.exists():
+        start, opt_state, history = load_checkpoint(ckpt, defense, model, config)
         log(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
 
     def checkpoint(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
         history.append(rec)
-        save_weights(out / "checkpoint.safetensors", _state(defense, model))
-        with atomic_path(out / "optimizer.pt") as tmp:
-            torch.save(opt.state_dict(), tmp)
-        write_json(progress, {"stage": si, "epoch": next_epoch, "history": history, "rng": torch.get_rng_state().tolist()})
+        save_checkpoint(ckpt, defense, model, opt, {"stage": si, "epoch": next_epoch, "history": history})
 
     t0 = time.time()
     fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log)
@@ -161,9 +180,69 @@ def train_run(
     save_obfuscator(out / "obfuscator.safetensors", defense)
     save_weights(out / "model.safetensors", model.state_dict())
     write_json(out / "metrics.json", metrics)
-    for name in ("checkpoint.safetensors", "optimizer.pt", "progress.json"):
-        (out / name).unlink(missing_ok=True)
+    ckpt.unlink(missing_ok=True)
     return metrics
+
+
+#: The one checkpoint file of a run folder: weights, optimizer state, progress and random state together,
+#: written atomically, so a kill at any moment leaves either the previous epoch's set or the new one.
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def save_checkpoint(path: Path, defense: Defense, model: nn.Module, opt: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+    """Write defense and model weights, the optimizer state, ``progress`` (stage, next epoch, history) and
+    PyTorch's random state into one safetensors file, atomically."""
+    tensors = _state(defense, model)
+    state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    tensors["rng"] = torch.get_rng_state()
+    meta = {"progress": json.dumps(progress), "param_groups": json.dumps(state["param_groups"]), "optim_scalars": json.dumps(scalars)}
+    save_weights(path, tensors, metadata=meta)
+
+
+def load_checkpoint(path: Path, defense: Defense, model: nn.Module, config: TrainConfig) -> tuple[tuple[int, int], dict, list]:
+    """Restore weights and random state from :func:`save_checkpoint`'s file; return ((stage, epoch),
+    optimizer state, history). The progress it records is checked against ``config``'s stages and epochs:
+    a checkpoint that does not fit this run is refused, never silently trained on."""
+    from safetensors import safe_open
+
+    from veil.training.loop import stage_epochs
+
+    tensors = load_weights(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        progress, groups, scalars = (json.loads(meta[k]) for k in ("progress", "param_groups", "optim_scalars"))
+        stage, epoch, history = int(progress["stage"]), int(progress["epoch"]), list(progress["history"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a veil checkpoint, or its progress record is damaged ({err}); delete it to start over") from err
+    counts = stage_epochs(defense.stages(), config.epochs)
+    if not (0 <= stage < len(counts) and 1 <= epoch <= counts[stage]) or len(history) != sum(counts[:stage]) + epoch:
+        raise ValueError(
+            f"{path}: records stage {stage + 1}, epoch {epoch} with {len(history)} epochs of history, which this run "
+            f"({len(counts)} stage(s) of {counts} epochs) cannot have reached; delete it to start over"
+        )
+    _load_state(path, defense, model, tensors)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entry in scalars.items():
+        state.setdefault(int(pid), {}).update(entry)
+    if "rng" not in tensors:
+        raise ValueError(f"{path}: checkpoint has no random state; delete it to start over")
+    torch.set_rng_state(tensors["rng"])
+    # an epoch that ended a stage restarts the next stage from its beginning (a fresh optimizer)
+    if epoch == counts[stage]:
+        return (stage + 1, 0), {}, history
+    return (stage, epoch), {"state": state, "param_groups": groups}, history
 
 
 def evaluate_primary(defense: Defense, model: nn.Module, task: Task) -> dict[str, float]:
