@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
+import typing
 from typing import Any
+
+import torch
 
 from veil.defenses.base import Defense, Stage, check_batch
 
@@ -48,13 +53,61 @@ def create_defense(
     ``overrides`` are the method's keyword arguments (e.g. ``lambda_=1.0``); unknown ones raise.
     """
     cls = defense_class(name)
+    check_option_types(cls, overrides)
+    build = lambda: cls(input_shape=tuple(input_shape), num_classes=num_classes, **overrides)  # noqa: E731
     try:
-        return cls(input_shape=tuple(input_shape), num_classes=num_classes, **overrides)
+        _check_size(name, build)
+        return build()
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "allocate" not in str(err):
+            raise
+        raise ValueError(f"defense {name!r} with these options does not fit in memory; lower its size options ({overrides})") from err
     except TypeError as err:  # unexpected keyword -> say which method and what it accepts
-        import inspect
-
         params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "input_shape", "num_classes")]
         raise ValueError(f"bad options for defense {name!r}: {err}; accepted: {params}") from err
+
+
+#: Most parameters a defense (a client-side obfuscator) may have: far above every method's default, far
+#: below what would exhaust memory (a width of 100000 asks for hundreds of GB).
+MAX_PARAMETERS = 50_000_000
+
+
+def _check_size(name: str, build: Any) -> None:
+    """Build the defense on the meta device (no memory) and refuse it if it would be absurdly large."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+    except (NotImplementedError, RuntimeError):
+        return  # a constructor that computes on real data; it is built for real next
+    n = sum(p.numel() for p in probe.parameters()) + sum(b.numel() for b in probe.buffers())
+    if n > MAX_PARAMETERS:
+        raise ValueError(f"defense {name!r} with these options would hold {n:,} parameters (more than {MAX_PARAMETERS:,}); lower its width options")
+
+
+def check_option_types(cls: type[Defense], options: dict[str, Any]) -> None:
+    """Refuse option values of the wrong type before they reach a constructor, naming the option:
+    ``"abc"`` for a number, ``1.5`` for a count, ``1`` for a flag, NaN or infinity for a number."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: the constructor validates alone
+        return
+    for key, value in options.items():
+        hint = hints.get(key)
+        if hint is None:
+            continue
+        allowed = set(typing.get_args(hint)) or {hint}
+        if value is None and type(None) in allowed:
+            continue
+        ok = (
+            (bool in allowed and isinstance(value, bool))
+            or (str in allowed and isinstance(value, str))
+            or (float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            or (int in allowed and isinstance(value, int) and not isinstance(value, bool))
+            or not allowed & {bool, str, float, int}
+        )
+        if not ok:
+            want = " or ".join(sorted({bool: "true/false", str: "a string", float: "a finite number", int: "an integer"}[t] for t in allowed & {bool, str, float, int}))
+            raise ValueError(f"option {key} of defense {cls.name!r} must be {want}, got {value!r}")
 
 
 def with_knob(name: str, knob: float | None, options: dict[str, Any] | None = None) -> dict[str, Any]:
