@@ -82,6 +82,7 @@ def export(
     mode: str = typer.Option("inference", "--mode", help="inference: obfuscated without the label (soft/adaptive selection); training: with the known label (hard selection), and y goes with the message."),
     with_labels: bool = typer.Option(False, "--with-labels", help="Also write y, z and index to a separate OUT.labels.npz for evaluation on your side; do not send it."),
     reproducible_noise: Optional[int] = typer.Option(None, "--reproducible-noise", min=0, metavar="SEED", help="Research only: draw the noise from SEED so the export can be repeated exactly (recorded in the metadata). Anyone holding SEED can remove the noise. Default: OS entropy, fresh every export."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT (and OUT.labels.npz) if it exists. A run folder's own files are never replaced."),
 ) -> None:
     """Write records obfuscated exactly as the untrusted side receives them (the message, nothing else).
 
@@ -92,7 +93,7 @@ def export(
     from veil.training import export_run
 
     try:
-        info = export_run(run, out, split=split, mode=mode, with_labels=with_labels, noise_seed=reproducible_noise)
+        info = export_run(run, out, split=split, mode=mode, with_labels=with_labels, noise_seed=reproducible_noise, force=force)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     Console().print_json(json.dumps(info))

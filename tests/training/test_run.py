@@ -258,3 +258,24 @@ def test_sample_and_hold_resumed_in_its_sanitize_stage_keeps_its_calibration(tmp
     assert load_run(tmp_path / "cut")[2].windows.tolist() == load_run(tmp_path / "full")[2].windows.tolist()
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
     assert resumed["primary_acc"] == full["primary_acc"]
+
+
+def test_export_never_replaces_a_run_file_and_asks_before_replacing_anything(run, tmp_path):
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    for name in ("model.safetensors", "config.json", "obfuscator.safetensors", "metrics.json"):
+        for force in (False, True):
+            with pytest.raises(ValueError, match="file of the run folder|exists"):
+                export_run(run, run / name, force=force)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    out = tmp_path / "m.npz"
+    export_run(run, out)
+    with pytest.raises(ValueError, match="pass --force"):
+        export_run(run, out)
+    export_run(run, out, force=True)
+    with pytest.raises(ValueError, match="is a folder"):
+        export_run(run, tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        export_run(run, tmp_path / "afile" / "m.npz")
+    with pytest.raises(ValueError, match="longer than 255"):
+        export_run(run, tmp_path / ("n" * 300 + ".npz"))

@@ -322,6 +322,25 @@ def obfuscate(
     return torch.cat(parts) if parts else torch.empty(0, *defense.output_shape())
 
 
+def check_export_target(target: Path, run: Path, *, force: bool) -> None:
+    """Refuse an export target that is a folder, lies under a file, is one of a run folder's own files
+    (``config.json``, weights, results: replacing one destroys the run), or exists (unless ``force``)."""
+    if len(target.name.encode()) > 255:
+        raise ValueError(f"--out {target}: the file name is longer than 255 bytes")
+    if target.is_dir():
+        raise ValueError(f"--out {target} is a folder; name the .npz file to write")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {target}: {parent} is a file, not a folder")
+            break
+    own = target.parent.resolve() == run.resolve() or (target.parent / "config.json").is_file()
+    if own and target.exists():
+        raise ValueError(f"--out {target} is a file of the run folder {target.parent}; export elsewhere")
+    if target.exists() and not force:
+        raise ValueError(f"--out {target} exists; pass --force to replace it")
+
+
 def labels_path(out: str | Path) -> Path:
     """Where ``export_run(..., with_labels=True)`` writes the labels: ``OUT.labels.npz`` beside ``OUT``."""
     out = Path(out)
@@ -337,6 +356,7 @@ def export_run(
     mode: str = "inference",
     with_labels: bool = False,
     noise_seed: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write the obfuscated records of ``split`` to ``out`` (.npz): exactly what the untrusted side receives.
 
@@ -354,6 +374,7 @@ def export_run(
             for evaluation on the trusted side; it must not travel with the message.
         noise_seed: Research opt-in: reproducible noise from this seed (recorded in the metadata).
             None (the default): OS entropy, fresh for every export.
+        force: Replace an existing ``out`` (a run folder's own files are never replaced).
 
     Returns:
         A summary: records, message_shape, mode, split, noise, out (and labels).
@@ -362,6 +383,9 @@ def export_run(
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(EXPOSURES)}")
     if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0):
         raise ValueError(f"noise_seed must be a non-negative integer or None, got {noise_seed!r}")
+    targets = [Path(out), *([labels_path(out)] if with_labels else [])]
+    for target in targets:
+        check_export_target(target, Path(run), force=force)
     _, task, defense, _ = load_run(run)
     s = task.split(split)
     generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
