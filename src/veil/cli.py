@@ -54,6 +54,7 @@ def train(
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Records per batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decay to 0 over each training stage)."),
+    client_budget: Optional[float] = typer.Option(None, "--client-budget", help="Client FLOPs allowed, as a fraction of the server model's (e.g. 0.01): sizes the defense's client network; refused if it cannot fit."),
     seed: int = typer.Option(0, "--seed", help="Seed for data order, initialisation and training noise."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
@@ -62,7 +63,7 @@ def train(
     from veil.training import TrainConfig, train_run
 
     try:
-        config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule)
+        config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule, client_budget=client_budget)
         metrics = train_run(config, out)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)

@@ -94,6 +94,7 @@ class AdaptiveNoiseInjection(Defense):
     name = "ani"
     knob = "lambda_"
     knob_direction = 1
+    budget_option = "hidden"  # f_psi's width: sized by --client-budget
     #: §5.1: "SGD ... initial learning rate of 0.1 decayed with cosine annealing". Momentum 0.9 is not
     #: stated in the paper; it is the usual companion of that schedule. Under SGD the step on psi is
     #: proportional to the gradient, so lambda trades the two terms of Eq. 24 against each other; under

@@ -92,6 +92,9 @@ class Defense(nn.Module, abc.ABC):
     knob: ClassVar[str] = ""
     #: +1 if a larger knob means more privacy (more noise), -1 if a smaller one does.
     knob_direction: ClassVar[int] = 1
+    #: The constructor option that sizes the client network (``selector_width``, ``hidden``, ...), which
+    #: ``--client-budget`` sets (:mod:`veil.defenses.budget`); "" where there is no client network to size.
+    budget_option: ClassVar[str] = ""
     #: Whether ``encode`` takes ``mask=`` (B, 1, H, W): the sensitive region, where the data owner knows it
     #: (region selection). :meth:`encode_batch` hands it over; other defenses never see a mask.
     uses_mask: ClassVar[bool] = False

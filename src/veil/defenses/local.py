@@ -45,6 +45,7 @@ class LocalDecision(Defense):
     """
 
     name = "local"
+    budget_option = "width"
     deterministic = True
 
     def __init__(

@@ -77,6 +77,7 @@ class SCNLRegion(Defense):
     name: ClassVar[str] = "scnl-region"
     knob: ClassVar[str] = "lambda_"
     knob_direction: ClassVar[int] = 1
+    budget_option: ClassVar[str] = "selector_width"
     #: ``encode`` takes the sensitive region's mask where the data owner knows it.
     uses_mask: ClassVar[bool] = True
 

@@ -122,6 +122,7 @@ class SampleAndHold(Defense):
     name = "sample-and-hold"
     knob = "gamma"
     knob_direction = 1
+    budget_option = "client_channels"
     deterministic = True
 
     def __init__(

@@ -98,6 +98,7 @@ class SCNLDefense(Defense):
     name: ClassVar[str] = "scnl-custom"
     knob: ClassVar[str] = "lambda_"
     knob_direction: ClassVar[int] = 1
+    budget_option: ClassVar[str] = "selector_width"
     #: Option defaults of this registry entry; None in the signature means "take it from here".
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "lambda_": 1.0,
@@ -328,12 +329,14 @@ class SCNLJoint(SCNLDefense):
 
     name = "scnl-joint"
     DEFAULTS = {**SCNLDefense.DEFAULTS, "layer": "conv", "selection": "soft"}
+    budget_option = ""  # the soft selection has no client network to size
 
 
 class SCNLTwoStage(SCNLDefense):
     """SCNL: convolutional layer, soft selection, the seed's two-stage training (hard, then soft)."""
 
     name = "scnl-twostage"
+    budget_option = ""
     DEFAULTS = {**SCNLDefense.DEFAULTS, "layer": "conv", "selection": "soft", "training": "twostage"}
 
 

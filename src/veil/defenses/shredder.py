@@ -61,6 +61,7 @@ class ShredderNoise(Defense):
     name = "shredder"
     knob = "lambda_"
     knob_direction = 1
+    budget_option = "channels"
 
     def __init__(
         self,

@@ -124,6 +124,7 @@ class SVDObfuscation(Defense):
     name = "svd"
     knob = "keep"
     knob_direction = -1
+    budget_option = "client_channels"
     deterministic = True
 
     def __init__(
@@ -289,6 +290,7 @@ class SVDBoundedObfuscation(SVDObfuscation):
     name = "svd-bounded"
     knob = "epsilon"
     knob_direction = 1
+    budget_option = "client_channels"
 
     def __init__(
         self,

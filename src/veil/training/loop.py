@@ -50,6 +50,9 @@ class TrainConfig:
         lr_schedule: ``constant`` (Adam at ``lr`` throughout) or ``cosine`` (``lr`` decayed to 0 along a
             half cosine over each stage's steps; computed from the step index, so a resumed run follows
             the same schedule).
+        client_budget: Client FLOPs allowed as a fraction of the server model's (``None``: the defense's
+            own size). Sizes the defense's client network (:mod:`veil.defenses.budget`); a budget the
+            defense cannot meet is refused.
     """
 
     task: str = "digits-lt5"
@@ -63,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     train_size: int | None = None
     lr_schedule: str = "constant"
+    client_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -75,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.knob is not None and not math.isfinite(self.knob):
             raise ValueError(f"knob must be a finite number, got {self.knob}")
+        if self.client_budget is not None and not (math.isfinite(self.client_budget) and 0 < self.client_budget <= 1):
+            raise ValueError(f"client_budget must be a fraction in (0, 1] of the server's FLOPs, got {self.client_budget}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,6 +37,10 @@ def build(config: TrainConfig, task: Task | None = None) -> tuple[Task, Defense,
     task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
     seed_everything(config.seed)
     options = with_knob(config.defense, config.knob, config.defense_options)
+    if config.client_budget is not None:
+        from veil.defenses.budget import fit_client_budget
+
+        options, _ = fit_client_budget(config.defense, config.client_budget, options, input_shape=task.input_shape, num_classes=task.num_primary, model=config.model)
     defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
     model = create_model(config.model, defense.output_shape(), task.num_primary)
     return task, defense, model
