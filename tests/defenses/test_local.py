@@ -56,7 +56,7 @@ def test_client_cost_is_a_few_percent_of_the_cnn_server_on_mnist():
     assert 0.01 < share < 0.06
 
 
-@pytest.mark.parametrize("bad", [{"width": 0}, {"hidden": 1.5}, {"classifier_weight": -1.0}])
+@pytest.mark.parametrize("bad", [{"width": 0}, {"hidden": 1.5}, {"classifier_weight": -1.0}, {"lr_scale": 0}])
 def test_bad_options_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LocalDecision(input_shape=(1, 8, 8), num_classes=2, **bad)

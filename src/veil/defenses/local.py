@@ -16,6 +16,7 @@ import torch
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
+from veil.layers.scnl import scale_learning_rate
 from veil.layers.selection import AdaptiveSelection
 
 
@@ -42,6 +43,8 @@ class LocalDecision(Defense):
     Server (``decode``): identity; the server model learns to read the template.
 
     No knob: the trade-off is set by g's size (``width``, ``hidden``), i.e. the client's compute.
+    ``lr_scale`` (default 5, as SCNL's client layers) lets g learn that many times faster than the server
+    under the loop's one learning rate, so the baseline is not handicapped against SCNL's selector.
     """
 
     name = "local"
@@ -56,6 +59,7 @@ class LocalDecision(Defense):
         width: int = 8,
         hidden: int = 32,
         classifier_weight: float = 1.0,
+        lr_scale: float = 5.0,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         for key, value in (("width", width), ("hidden", hidden)):
@@ -63,8 +67,13 @@ class LocalDecision(Defense):
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if isinstance(classifier_weight, bool) or not isinstance(classifier_weight, (int, float)) or not classifier_weight >= 0:
             raise ValueError(f"classifier_weight must be a number >= 0, got {classifier_weight!r}")
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or not lr_scale > 0:
+            raise ValueError(f"lr_scale must be a number > 0, got {lr_scale!r}")
         self.width, self.hidden, self.classifier_weight = int(width), int(hidden), float(classifier_weight)
-        self.classifier = AdaptiveSelection(self.num_classes, self.input_shape, width=self.width, hidden=self.hidden)
+        self.lr_scale = float(lr_scale)
+        self.classifier = scale_learning_rate(
+            AdaptiveSelection(self.num_classes, self.input_shape, width=self.width, hidden=self.hidden), self.lr_scale
+        )
         # fixed, not trained: a buffer, so it travels with the saved obfuscator but is not a parameter
         self.register_buffer("templates", decision_templates(self.num_classes, self.input_shape))
         self._last_penalty: torch.Tensor | None = None
@@ -105,4 +114,4 @@ class LocalDecision(Defense):
         return self.logits(x).argmax(1)
 
     def config(self) -> dict[str, Any]:
-        return {"width": self.width, "hidden": self.hidden, "classifier_weight": self.classifier_weight}
+        return {"width": self.width, "hidden": self.hidden, "classifier_weight": self.classifier_weight, "lr_scale": self.lr_scale}
