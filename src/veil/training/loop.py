@@ -210,6 +210,11 @@ def fit(
     if sum(counts) != config.epochs:
         log(f"[{defense.name}] {config.epochs} epoch(s) for {len(stages)} stages: each stage runs 1 epoch ({sum(counts)} in all)")
     recipe = training_recipe(defense, config)
+    if defense.recipe is not None:
+        log(
+            f"[{defense.name}] trains with its paper's recipe: {recipe.optimizer} lr {recipe.lr} momentum {recipe.momentum} "
+            f"weight decay {recipe.weight_decay}, {recipe.schedule} schedule (the run's lr and lr_schedule are not used)"
+        )
     history: list[dict[str, Any]] = []
     for si, (stage, n_epochs) in enumerate(zip(stages, counts)):
         if si < start[0]:
