@@ -69,12 +69,13 @@ KNOBS: dict[str, list[float | None]] = {
     # after the pretrain stage, 8000 x 4: 0.01 0.961/0.809, 1.0 0.908/0.566, 3.0 0.600/0.186 (98.5% of entries
     # suppressed), 10 everything suppressed (chance); at 3000 x 3, 1.0 already gave 0.687/0.264
     "cloak": [0.01, 1.0, 3.0],
-    # 3000 x 3: 0.01 0.928/0.895, 5 0.919/0.878, 50 0.872/0.80, 500 0.882/0.757 (noise/feature ratio saturates
-    # near 3: one of T fixed tensors, which a retrained attacker learns around; 0.01 and 0.5 gave the same)
+    # 8000 x 4: 0.01 0.957/0.888, 5 0.934/0.779, 50 0.829/0.368, 500 0.792/0.228 (mean|noise|/mean|feature|
+    # 0.6 -> 13); at 3000 x 3 (one noise epoch) 500 only reached 0.882/0.757, and 0.01 and 0.5 gave the same
     "shredder": [0.01, 50.0, 500.0],
     "svd": [1.0, 0.3, 0.1],  # keep: share of signal content kept (smaller = more private)
     "svd-bounded": [0.1, 0.3, 0.6],  # epsilon: distortion budget
-    # gamma, 3000 x 3: 0 0.930/0.887, 0.5 0.750/0.715, 0.9 0.486/0.222 (2.0 the same: windows at their longest)
+    # gamma, 3000 x 3: 0 0.930/0.887, 0.5 0.750/0.715, 0.9 0.486/0.222 (2.0 the same: windows at their longest);
+    # 8000 x 4: 0.5 0.833/0.657, 0.9 0.486/0.239 (0.9 not reachable, stopped at the longest windows)
     "sample-and-hold": [0.0, 0.5, 0.9],
 }
 
