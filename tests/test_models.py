@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from veil.data import load_task
+from veil.defenses import create_defense, list_defenses
 from veil.models import BasicBlock, count_flops, create_model, list_models
 from veil.noise import seed_everything
+from veil.training.loop import train_step
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -78,3 +80,16 @@ def test_models_learn_digits(name):
     with torch.no_grad():
         acc = float((model(task.test.x).argmax(1) == task.test.y).float().mean())
     assert acc > 0.9
+
+
+@pytest.mark.parametrize("defense_name", list_defenses())
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_reads_every_defense_message(name, defense_name):
+    torch.manual_seed(0)
+    d = create_defense(defense_name, input_shape=(1, 8, 8), num_classes=2)
+    model = create_model(name, d.output_shape(), 2)
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 2, (8,))
+    for stage in d.stages():
+        d.set_stage(stage.name)
+        loss, logits = train_step(d, model, x, y, stage)
+        assert logits.shape == (8, 2) and torch.isfinite(loss)
