@@ -56,6 +56,8 @@ TASKS = ("mnist-lt5", "fashion-lt5")
 #: A defense registered later and missing here runs once at its default knob.
 KNOBS: dict[str, list[float | None]] = {
     "none": [None],
+    "local": [None],  # the on-device baseline: no knob (its size is the client budget)
+    "scnl-region": [0.1, 1.0, 10.0],  # region selection: tasks with region masks only (fashion-tag)
     "gaussian": [0.25, 0.5, 1.0],  # sigma on [0, 1] pixels
     "scnl": [0.0, 1.0, 10.0],  # lambda_: weight of the VIB charge KL(q(h|x) || prior)
     "scnl-adaptive": [0.0, 1.0, 10.0],
@@ -63,8 +65,8 @@ KNOBS: dict[str, list[float | None]] = {
     "scnl-twostage": [0.0, 1.0, 10.0],
     "scnl-private": [3.0, 10.0, 30.0],  # lambda_ with the content channel starting closed (init_gain 0)
     # Peer ranges probed on mnist-lt5 with veil's retrained CNN attacker (issue #9; primary / attack; floor 0.19-0.21).
-    # ANI trains with its paper's SGD 0.1 + cosine; at 8000 records x 4 epochs: 3e-6 0.966/0.86,
-    # 3e-5 0.980/0.785, 4.5e-5 0.978/0.77, 5e-5 collapses (w -> 0, primary at chance 0.514): no point between.
+    # ANI trains with its paper's SGD 0.1 + cosine; at 8000 records x 4 epochs (none: 0.973/0.870): 3e-6
+    # 0.983/0.845, 3e-5 0.980/0.785, 4.5e-5 0.978/0.77, 5e-5 collapses (w -> 0, primary at chance 0.514).
     "ani": [3e-6, 3e-5, 4.5e-5, 5e-5],
     # after the pretrain stage, 8000 x 4: 0.01 0.961/0.809, 1.0 0.908/0.566, 3.0 0.600/0.186 (98.5% of entries
     # suppressed), 10 everything suppressed (chance); at 3000 x 3, 1.0 already gave 0.687/0.264
@@ -87,6 +89,17 @@ FULL = dict(
     recon=dict(epochs=8, patience=2, batch_size=64, width=32, train_size=None, test_size=1000, views=2),
     mi=dict(samples=1000, dims=8, k=3, pca_fit_size=2000),
 )
+#: Reduced sizes for a 2-core CPU (about 2 hours for both tasks with 2 jobs side by side): the same attacker
+#: architectures and width, as many disjoint records as the defense had (3000), fewer epochs. A result, at
+#: these sizes; FULL on a GPU machine.
+CPU = dict(
+    train_size=3000, epochs=4, batch_size=64, val_size=1000, test_size=2000,
+    attack=dict(epochs=8, patience=2, batch_size=64, train_size=None, val_size=500, test_size=2000, width=32, views=2, averaging_k=4),
+    recon=dict(epochs=4, patience=2, batch_size=64, width=32, train_size=None, test_size=1000, views=1),
+    mi=dict(samples=500, dims=8, k=3, pca_fit_size=1000),
+)
+#: Tasks whose records carry region masks (what region-selection defenses need); others skip those defenses.
+MASK_TASKS = ("fashion-tag",)
 #: A smoke test of the whole pipeline (minutes): tiny sizes and few epochs, the same attacker architectures
 #: (width 32, as many disjoint records as the defense had). Not a result.
 TINY = dict(
@@ -108,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knobs", action="append", default=[], metavar="DEFENSE=V1,V2", help="override a defense's knob values (repeatable)")
     p.add_argument("--out", default="benchmarks/results/headline", help="output folder")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (minutes, not a result)")
+    p.add_argument("--cpu", action="store_true", help="reduced sizes for a 2-core CPU (3000 records, 4 epochs; same attackers)")
     p.add_argument("--train-size", type=int, help="training records per run (default 8000)")
     p.add_argument("--epochs", type=int, help="training epochs per run (default 4)")
     p.add_argument("--attack-epochs", type=int, help="most epochs per attacker (default 12, early stopping)")
@@ -121,7 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    s = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (TINY if args.tiny else FULL).items()}
+    if args.tiny and args.cpu:
+        raise ValueError("choose one of --tiny and --cpu")
+    preset = TINY if args.tiny else CPU if args.cpu else FULL
+    s = {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
     if args.train_size is not None:
         s["train_size"] = args.train_size
     if args.epochs is not None:
@@ -165,6 +182,9 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, float | None]]:
                 values = [None]
             if not defense_class(d).knob:
                 values = [None]
+            if defense_class(d).uses_mask and task not in MASK_TASKS:
+                log(f"note: {d!r} selects by region masks, which {task} does not carry; skipped there")
+                continue
             runs += [(task, d, k) for k in values]
     return runs
 
