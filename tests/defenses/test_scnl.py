@@ -1,5 +1,5 @@
 """The SCNL defense family: registry, selection per exposure, stages, the knob moving the noise, and
-inference-mode (no label) primary accuracy on digits-lt5 (the hard/soft gap of DESIGN part 1)."""
+inference-mode (no label) primary accuracy on digits-lt5 (the hard/soft gap of docs/design.md, "Pitfalls")."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_knob_moves_the_noise_and_the_content_channel(task):
 
 
 def test_two_stage_inference_accuracy_is_well_above_chance(task):
-    """Seed two-stage training (hard stage with labels, then soft stage without). DESIGN part 1 measured a
+    """Seed two-stage training (hard stage with labels, then soft stage without). docs/design.md ("Pitfalls") records a
     server trained on hard-selected records reading the class fingerprint and failing at inference (no
     label). Identity-initialised kernels, mixing selected records into the hard stage and the server
     training on in the soft stage keep inference-mode accuracy well above chance (0.5)."""

@@ -11,14 +11,14 @@ Server: the task model on h (``decode`` is the identity).
 Knob ``lambda_`` (larger = more private). ``penalty() = lambda_ * mean KL(q(h|x) || r(h))``, the
 variational-information-bottleneck charge (Alemi et al., ICLR 2017) per output element, an upper bound
 on I(X; H) / dim. r is N(0, 1) for the Gaussian layer (Laplace(0, 1), Binomial(n, 1/2), uniform
-categorical for the others). Why this and not "minus the injected entropy" (mean log sigma): DESIGN.md
-part 3 measured that an entropy bonus lets the layer put large noise on the background and small noise on
+categorical for the others). Why this and not "minus the injected entropy" (mean log sigma): it was
+measured (docs/design.md, "The knob") that an entropy bonus lets the layer put large noise on the background and small noise on
 the strokes, so the *variance map* draws the digit and a CNN attacker reads it (95%). The KL charges the
 mean *and* every input-dependent variance pattern, relative to a fixed reference, and the mean is bounded
 (``bound·tanh``) and the scale softplus-positive, so the layer can neither escape its noise by growing the
 signal nor be paid for noise that carries information.
 
-The hard/soft gap (DESIGN part 1: a server trained only on hard-selected records reads *which* kernels
+The hard/soft gap (docs/design.md, "Pitfalls": a server trained only on hard-selected records reads *which* kernels
 were applied and fails on soft-selected ones) is closed in two ways:
 
 * joint training (``training="joint"``) mixes modes inside every batch: a random ``hard_fraction`` of the

@@ -1,4 +1,4 @@
-"""Privacy evaluation (DESIGN part 9): attribute-inference attack, reconstruction attack, mutual
+"""Privacy evaluation (docs/design.md, "The attackers"): attribute-inference attack, reconstruction attack, mutual
 information, sweeps over a defense's knob and trade-off reports.
 
 Names are imported on first use, so ``veil --help`` does not pay for importing torch.

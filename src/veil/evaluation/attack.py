@@ -1,4 +1,4 @@
-"""Attribute-inference attack: the headline privacy number (DESIGN part 9; seed 002 §5.2, seed 003 §5.1).
+"""Attribute-inference attack: the headline privacy number (docs/design.md, "The attackers"; seed 002 §5.2, seed 003 §5.1).
 
 The attacker knows everything but the noise, and is at least as strong as the engine it stands for:
 

@@ -1,6 +1,6 @@
 """Mutual information I(X; X') between records and what leaves the client, normalised (seed 002 §5.2).
 
-Three labelled numbers, never one unlabelled one (DESIGN part 9):
+Three labelled numbers, never one unlabelled one (docs/design.md, "The attackers"):
 
 * ``ksg``: the Kraskov-Stoegbauer-Grassberger k-nearest-neighbour estimate (``npeet_plus.mi``, nats) on a
   documented reduction: X and X' are each projected to their first ``dims`` principal components (PCA

@@ -6,7 +6,7 @@ reparameterised, differentiable sample (:meth:`Distribution.rsample`) and gives,
 the KL divergence of q(h | x) from a fixed prior (:meth:`Distribution.kl`), the privacy charge of the
 variational information bottleneck (Alemi et al., ICLR 2017): E_x KL(q(h|x) || r(h)) >= I(X; H).
 
-Constraints that keep the privacy knob meaningful (DESIGN part 1):
+Constraints that keep the privacy knob meaningful (docs/design.md, "Pitfalls"):
 
 * scales stay positive: ``scale = softplus(raw) + min_scale``;
 * locations and logits are bounded: ``loc = bound * tanh(raw / bound)``, so a layer cannot escape its

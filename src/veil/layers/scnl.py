@@ -261,7 +261,7 @@ class SCNLConv2d(SCNLBase):
     def _identity_init(self, init_scale: float) -> None:
         """Every class starts as ``h = x + init_scale * eps`` (Dirac mean kernels, constant scale) plus a
         small random part: the content is readable under any selection from the first step, so the
-        server is not first taught to read the class fingerprint alone (DESIGN part 1)."""
+        server is not first taught to read the class fingerprint alone (docs/design.md, "Pitfalls")."""
         if not init_scale > self.distribution.min_scale:
             raise ValueError(f"init_scale must exceed min_scale {self.distribution.min_scale}, got {init_scale!r}")
         self.weight.mul_(0.05)
