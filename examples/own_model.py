@@ -6,6 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from veil.data import load_task
 from veil.defenses import create_defense
+from veil.training import obfuscate
 from veil.training.loop import train_step
 
 torch.manual_seed(0)
@@ -22,8 +23,7 @@ for stage in defense.stages():
         for x, y in loader:
             loss, _ = train_step(defense, model, x, y, stage)  # task loss + defense.penalty()
             opt.zero_grad(); loss.backward(); opt.step()
-defense.eval()
+m = obfuscate(defense, task.test.x)  # what leaves the client at inference: no label, fresh OS-entropy noise
 with torch.no_grad():
-    m = defense.encode(task.test.x)  # what leaves the client at inference (no label)
-    acc = (model(defense.decode(m)).argmax(1) == task.test.y).float().mean()
+    acc = (model.eval()(defense.decode(m)).argmax(1) == task.test.y).float().mean()
 print(f"primary accuracy on obfuscated test records: {acc:.3f}")
