@@ -50,7 +50,7 @@ def train(
     lam: Optional[float] = typer.Option(None, "--lambda", "-l", help="Value of the defense's privacy knob (its default if omitted)."),
     epochs: int = typer.Option(10, "--epochs", "-e", min=1, help="Training epochs in all (shared among the defense's stages)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.json, metrics.json, weights (safetensors). Rerun to resume."),
-    model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
+    model: str = typer.Option("cnn", "--model", help="Server task model: cnn (default), resnet (ResNet-20-like, batch norm) or mlp."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Records per batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decay to 0 over each training stage)."),

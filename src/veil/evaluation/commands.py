@@ -131,7 +131,7 @@ def sweep_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Sweep folder; one run folder per knob value: OUT/DEFENSE/knob=VALUE. Rerun to resume."),
     epochs: int = typer.Option(10, "--epochs", "-e", min=1, help="Training epochs per run."),
     train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records (defense and attacker)."),
-    model: str = typer.Option("cnn", "--model", help="Server task model: cnn or mlp."),
+    model: str = typer.Option("cnn", "--model", help="Server task model: cnn (default), resnet (ResNet-20-like, batch norm) or mlp."),
     batch_size: int = typer.Option(128, "--batch-size", min=1, help="Records per training batch."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate for training."),
     seed: int = typer.Option(0, "--seed", help="Training seed."),

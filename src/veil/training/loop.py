@@ -40,7 +40,7 @@ class TrainConfig:
         defense: Defense name (see ``veil.defenses.list_defenses()``).
         knob: Value for the defense's knob (``None`` keeps the method's default).
         defense_options: Other keyword arguments for the defense.
-        model: Server model name (``cnn`` or ``mlp``).
+        model: Server model name (``cnn``, ``resnet`` or ``mlp``).
         epochs: Epochs in all, shared among the defense's stages.
         batch_size: Records per batch.
         lr: Adam learning rate (defenses that declare a :class:`~veil.defenses.base.Recipe`, such as ANI's
