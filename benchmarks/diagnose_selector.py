@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from veil.cli_common import parse_options
-from veil.io import write_bytes
+from veil.io import append_jsonl
 from veil.training.loop import TrainConfig, accuracy
 from veil.training.run import load_run, train_run
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             defense.options["sharpen"] = sharpen
             result[f"server_acc_sharpen_{str(sharpen).lower()}"] = accuracy(defense, model, task.test)
     result["seconds"] = round(time.time() - t0, 1)
-    out = Path(args.out)
-    before = out.read_bytes() if out.exists() else b""
-    write_bytes(out, before + (json.dumps(result) + "\n").encode())  # one line per variant, written atomically
+    append_jsonl(args.out, result)  # one line per run, written atomically
     print(json.dumps(result, indent=1))
     return 0
 

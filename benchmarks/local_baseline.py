@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from veil.data import load_task
+from veil.io import append_jsonl
 from veil.evaluation.attack import AttackConfig, attribute_attack
 from veil.training.loop import TrainConfig
 from veil.training.run import load_run, train_run
@@ -49,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         "primary_only_floor": attack["primary_only_floor"], "train_seconds": round(seconds, 1), "attack": config.to_dict(),
     }
     print(json.dumps(rec), flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
+    append_jsonl(args.out, rec)  # one line per run, written atomically
     return 0
 
 

@@ -18,12 +18,12 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from veil.data import load_task
+from veil.io import append_jsonl
 from veil.defenses import create_defense
 from veil.models import count_flops, create_model
 from veil.noise import seed_everything
@@ -77,10 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             "flops_per_record": count_flops(model, task.input_shape),
         }
         print(json.dumps(rec), flush=True)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_jsonl(args.out, rec)  # one line per run, written atomically
     return 0
 
 

@@ -22,3 +22,14 @@ def test_result_files_get_the_umask_mode_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+
+
+def test_append_jsonl_adds_whole_lines(tmp_path):
+    import json
+
+    from veil.io import append_jsonl
+
+    path = tmp_path / "sub" / "r.jsonl"
+    append_jsonl(path, {"a": 1})
+    append_jsonl(path, {"b": [1, 2]})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"a": 1}, {"b": [1, 2]}]

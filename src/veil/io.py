@@ -51,6 +51,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
 
 
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Add ``record`` as one JSON line to ``path``; the file is rewritten atomically, so an interrupted
+    benchmark never leaves half a line."""
+    path = Path(path)
+    before = path.read_bytes() if path.exists() else b""
+    write_bytes(path, before + (json.dumps(record, default=_json_default) + "\n").encode())
+
+
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
