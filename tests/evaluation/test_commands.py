@@ -112,3 +112,15 @@ def test_bad_inputs_are_named(tmp_path):
     assert result.exit_code == 2 and "unknown attacker 'resnet'" in flat(result.output)
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--attack-device", "tpu"])
     assert result.exit_code == 2 and "device must be" in flat(result.output)
+
+
+def test_knob_lists_refuse_duplicates_and_non_finite_values():
+    import pytest
+
+    from veil.evaluation.sweep import parse_knobs
+
+    assert parse_knobs("0, 0.5,default") == [0.0, 0.5, None]
+    assert str(parse_knobs("-0")[0]) == "0.0"  # -0 names the same run folder as 0
+    for text, words in (("0,-0", "twice"), ("1,1.0", "twice"), ("nan", "finite"), ("1,inf", "finite"), ("a", "numbers")):
+        with pytest.raises(ValueError, match=words):
+            parse_knobs(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -196,9 +197,14 @@ def parse_knobs(text: str) -> list[float | None]:
             values.append(None)
             continue
         try:
-            values.append(float(part))
+            value = float(part) + 0.0  # + 0.0 turns -0.0 into 0.0: one run folder, not two
         except ValueError:
             raise ValueError(f"knob values must be numbers separated by commas (or 'default'), got {part!r} in {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"knob values must be finite numbers, got {part!r} in {text!r}")
+        if value in values:
+            raise ValueError(f"knob value {part!r} is given twice in {text!r}")
+        values.append(value)
     if not values:
         raise ValueError(f"no knob values in {text!r}; expected e.g. '0,0.5,1'")
     return values
