@@ -216,3 +216,16 @@ def test_obfuscated_records_carry_what_the_clean_few_cannot(tmp_path):
     nn_prime = step["nn_prime_p"]["test_acc_clean"]
     assert nn_prime > control + 0.05, (nn_prime, control)
     assert nn_prime > step["nn_p"]["test_acc_clean"] + 0.2
+
+
+def test_sizes_that_would_run_without_bound_are_refused():
+    import pytest
+
+    from veil.federated.task import FederatedConfig
+    from veil.training.incremental import IncrementalConfig
+
+    with pytest.raises(ValueError, match="increments"):
+        IncrementalConfig(step=1e-9)
+    for bad in (dict(server_lr=float("nan")), dict(proximal_mu=float("inf"))):
+        with pytest.raises(ValueError, match="server_lr"):
+            FederatedConfig(**bad)

@@ -112,7 +112,7 @@ class FederatedConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.proximal_mu < 0 or self.server_lr <= 0:
+        if not (math.isfinite(self.proximal_mu) and math.isfinite(self.server_lr)) or self.proximal_mu < 0 or self.server_lr <= 0:
             raise ValueError(f"proximal_mu must be >= 0 and server_lr > 0, got {self.proximal_mu!r}, {self.server_lr!r}")
         if self.eval_size is not None and self.eval_size < self.clients:
             raise ValueError(f"eval_size must be at least the number of clients ({self.clients}), got {self.eval_size!r}")

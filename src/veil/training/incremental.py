@@ -170,6 +170,10 @@ def attack_obfuscated_part(defense: Defense, rest: Split, val: Split, test: Spli
 
 
 # ----------------------------------------------------------------------------------------- config
+#: Most increments of p one run may take (each trains three models).
+MAX_INCREMENTS = 100
+
+
 @dataclasses.dataclass(frozen=True)
 class IncrementalConfig:
     """Everything that decides an incremental run (saved as ``RUN/config.json``).
@@ -225,6 +229,11 @@ class IncrementalConfig:
                 raise ValueError(f"{name} must be a percentage in (0, 100], got {v!r}")
         if self.start > self.max_p:
             raise ValueError(f"start ({self.start}) must not exceed max_p ({self.max_p})")
+        if (self.max_p - self.start) / self.step > MAX_INCREMENTS:
+            raise ValueError(
+                f"step {self.step} takes {(self.max_p - self.start) / self.step:.0f} increments from {self.start}% to {self.max_p}%; "
+                f"at most {MAX_INCREMENTS} (step >= {(self.max_p - self.start) / MAX_INCREMENTS:g})"
+            )
         if not 0.0 <= self.target <= 1.0:
             raise ValueError(f"target accuracy must lie in [0, 1], got {self.target!r}")
         if not 0.0 <= self.screen_ratio < 1.0:
