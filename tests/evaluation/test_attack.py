@@ -241,3 +241,13 @@ def test_no_disjoint_records_left_is_named():
     task.val = task.val.subset(np.arange(2))
     with pytest.raises(ValueError, match="no records disjoint"):
         attacker_splits(task, None, 2, seed=0)
+
+
+def test_sizes_that_would_exhaust_memory_are_refused():
+    import pytest
+
+    from veil.evaluation.attack import AttackConfig
+
+    for bad in (dict(views=1_000_000), dict(width=100_000), dict(averaging_k=10_000)):
+        with pytest.raises(ValueError, match="must be <="):
+            AttackConfig(**bad)

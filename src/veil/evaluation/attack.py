@@ -115,6 +115,11 @@ class AttackConfig:
         for name in ("epochs", "patience", "batch_size", "views", "width"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        # every view is a full obfuscated copy of the attacker's records, and width sizes every CNN
+        # attacker: bounded before anything is allocated
+        for name, most in (("views", 64), ("averaging_k", 64), ("width", 1024), ("epochs", 10_000)):
+            if int(getattr(self, name)) > most:
+                raise ValueError(f"{name} must be <= {most}, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.weight_decay < 0:
