@@ -251,3 +251,26 @@ def test_sizes_that_would_exhaust_memory_are_refused():
     for bad in (dict(views=1_000_000), dict(width=100_000), dict(averaging_k=10_000)):
         with pytest.raises(ValueError, match="must be <="):
             AttackConfig(**bad)
+
+
+def test_svd_train_mode_messages_of_varying_width_meet_every_attacker():
+    """SVD in train mode sends a random number of coefficients: every draw of the training-time messages
+    must have the eval-mode width (a view narrower than the first crashed the server attacker)."""
+    import torch
+
+    from veil.data import load_task
+    from veil.evaluation.attack import AttackConfig, _messages, train_attacker
+    from veil.training.loop import TrainConfig, fit
+    from veil.training.run import build
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(task="digits-lt5", defense="svd", knob=1.0, epochs=2)
+    task, defense, model = build(cfg, load_task("digits-lt5", train_size=500))
+    fit(defense, model, task, cfg, log=lambda s: None)
+    width = defense.eval().encode(task.val.x[:2]).shape[1]
+    split = task.val.subset(torch.arange(40))  # one batch per call: its own widest is often narrower
+    views = [_messages(defense, split, "training-time") for _ in range(6)]
+    assert {v.shape[1] for v in views} == {width}
+    model, rec = train_attacker("server", views, split.z, views[0], split.z, task.num_secondary, AttackConfig(epochs=1),
+                                y_train=split.y, y_val=split.y, defense=defense, num_labels=2, server_model="cnn", log=lambda s: None)
+    assert 0 <= rec["val_acc"] <= 1
