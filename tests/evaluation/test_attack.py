@@ -274,3 +274,18 @@ def test_svd_train_mode_messages_of_varying_width_meet_every_attacker():
     model, rec = train_attacker("server", views, split.z, views[0], split.z, task.num_secondary, AttackConfig(epochs=1),
                                 y_train=split.y, y_val=split.y, defense=defense, num_labels=2, server_model="cnn", log=lambda s: None)
     assert 0 <= rec["val_acc"] <= 1
+
+
+def test_messages_of_different_widths_are_padded_to_a_common_width():
+    """SVD with keep < 1 sends a varying number of coefficients, so two calls (training views, validation,
+    test) can have different widths: the headline's svd keep=0.3 run crashed on 106 against 89."""
+    import torch
+
+    from veil.evaluation.attack import common_width
+
+    a, b, c = torch.ones(4, 106), torch.ones(3, 89), torch.ones(2, 106)
+    out = common_width(a, b, c)
+    assert [tuple(t.shape) for t in out] == [(4, 106), (3, 106), (2, 106)]
+    assert torch.equal(out[1][:, :89], b) and float(out[1][:, 89:].abs().sum()) == 0  # not sent reads as 0
+    images = [torch.ones(2, 1, 4, 4), torch.ones(3, 1, 4, 4)]
+    assert all(x is y for x, y in zip(common_width(*images), images))

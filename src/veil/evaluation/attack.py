@@ -511,6 +511,15 @@ def _encode(
     return torch.cat(parts)
 
 
+def common_width(*messages: torch.Tensor) -> list[torch.Tensor]:
+    """Vector messages (N, m) of different widths zero-padded to the widest (a method that sends a varying
+    number of coefficients, such as SVD with ``keep`` < 1, gives each call its own width); others unchanged."""
+    if not messages or any(m.dim() != 2 for m in messages) or len({m.shape[1] for m in messages}) == 1:
+        return list(messages)
+    width = max(m.shape[1] for m in messages)
+    return [F.pad(m, (0, width - m.shape[1])) for m in messages]
+
+
 def _messages(defense: Defense, split: Split, exposure: str, k: int = 1) -> torch.Tensor:
     """Messages of ``split`` at ``exposure`` (:data:`ATTACK_EXPOSURES`); with ``k > 1``, the mean of k draws.
 
@@ -622,6 +631,7 @@ def attack_exposure(
     seed_everything(config.seed + 7)
     views = [_messages(defense, tr, exposure) for _ in range(config.views)]
     m_val, m_test = _messages(defense, va, exposure), _messages(defense, te, exposure)
+    *views, m_val, m_test = common_width(*views, m_val, m_test)
     shape = tuple(m_val.shape[1:])
     names, skipped = attackers_for(shape, config.attackers)
     log(f"[attack/{exposure}] message shape {shape}; {len(tr)} train, {len(va)} val, {len(te)} test records; attackers {names}"
@@ -666,6 +676,7 @@ def attack_exposure(
             seed_everything(config.seed + 11)
             avg_views = [_messages(defense, tr, exposure, k) for _ in range(config.views)]
             mv, mt = _messages(defense, va, exposure, k), _messages(defense, te, exposure, k)
+            *avg_views, mv, mt = common_width(*avg_views, mv, mt)
             log(f"[attack/{exposure}] averaging attack: mean of k={k} draws per record, attacker {best}")
             model, rec = train_attacker(best, avg_views, tr.z, mv, va.z, task.num_secondary, config, y_train=y_tr, y_val=y_va, log=log, **lab)
             rec.update({"k": k, "attacker": best, "test_acc": _accuracy(model, mt, te.z, y_te)})
