@@ -259,7 +259,7 @@ def test_svd_train_mode_messages_of_varying_width_meet_every_attacker():
     import torch
 
     from veil.data import load_task
-    from veil.evaluation.attack import AttackConfig, _messages, train_attacker
+    from veil.evaluation.attack import AttackConfig, _messages, common_width, train_attacker
     from veil.training.loop import TrainConfig, fit
     from veil.training.run import build
 
@@ -269,7 +269,7 @@ def test_svd_train_mode_messages_of_varying_width_meet_every_attacker():
     fit(defense, model, task, cfg, log=lambda s: None)
     width = defense.eval().encode(task.val.x[:2]).shape[1]
     split = task.val.subset(torch.arange(40))  # one batch per call: its own widest is often narrower
-    views = [_messages(defense, split, "training-time") for _ in range(6)]
+    views = common_width(*[_messages(defense, split, "training-time", k=2) for _ in range(6)])  # as attack_exposure does
     assert {v.shape[1] for v in views} == {width}
     model, rec = train_attacker("server", views, split.z, views[0], split.z, task.num_secondary, AttackConfig(epochs=1),
                                 y_train=split.y, y_val=split.y, defense=defense, num_labels=2, server_model="cnn", log=lambda s: None)

@@ -535,21 +535,10 @@ def _messages(defense: Defense, split: Split, exposure: str, k: int = 1) -> torc
         raise ValueError(f"unknown exposure {exposure!r}; valid: {', '.join(ATTACK_EXPOSURES)}")
     # the data owner's knowledge (label, region mask) reaches encode only where it is known
     y, mask = (split.y, split.mask) if labelled else (None, None)
-    width = None
-    if exposure == "training-time":
-        # train-mode vector messages of varying width (SVD) are padded to the eval-mode width, so that every
-        # view and every split has one shape (a call's own widest batch can be narrower)
-        probe = defense.eval().encode_batch(split.x[:2], None if y is None else y[:2], None if mask is None else mask[:2])
-        width = probe.shape[1] if probe.dim() == 2 else None
-
-    def draw() -> torch.Tensor:
-        m = _encode(sender, split.x, y, mask)
-        return F.pad(m, (0, width - m.shape[1])) if width is not None and m.shape[1] < width else m
-
-    total = draw()
-    for _ in range(k - 1):
-        total += draw()
-    return total / k
+    # vector messages whose width varies from call to call (SVD) are padded to one width, here across the
+    # k draws and in attack_exposure across views and splits (common_width)
+    draws = common_width(*(_encode(sender, split.x, y, mask) for _ in range(k)))
+    return torch.stack(draws).mean(0) if k > 1 else draws[0]
 
 
 @torch.no_grad()
