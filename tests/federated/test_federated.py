@@ -133,7 +133,9 @@ def test_server_cannot_regenerate_or_reuse_client_noise(tmp_path, monkeypatch):
         if key != (1, 0):
             e = eps.flatten()[:2000]
             assert abs(torch.corrcoef(torch.stack([first, e]))[0, 1].item()) < 0.1, key
-            assert not torch.isin(first[:100], e).any(), key
+            # a reused (or shifted) stream repeats nearly all 100 values; independent float32 draws can
+            # share one by chance (about 2000 x 100 comparisons), so allow a few
+            assert int(torch.isin(first[:100], e).sum()) <= 3, key
 
 
 def test_clients_refuse_a_noise_setting_from_the_server():
