@@ -16,7 +16,8 @@ app = typer.Typer(
     help="veil: obfuscated training and inference, with peer defenses and honest privacy evaluation.",
     pretty_exceptions_enable=False,
 )
-from veil.cli_common import console, fail as _fail, parse_options as _parse_options  # noqa: E402
+from veil.cli_common import config_option, console, fail as _fail, parse_options as _parse_options  # noqa: E402
+from veil.training.loop import TrainConfig  # noqa: E402  (the options' defaults are its fields')
 
 TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH (arrays x, y, z) or idx:DIR."
 DEFENSE_HELP = "Obfuscation method; 'veil list' shows them all."
@@ -45,22 +46,22 @@ def list_cmd() -> None:
 
 @app.command()
 def train(
-    task: str = typer.Option("digits-lt5", "--task", "-t", help=TASK_HELP),
-    defense: str = typer.Option("scnl", "--defense", "-d", help=DEFENSE_HELP),
-    lam: Optional[float] = typer.Option(None, "--lambda", "-l", help="Value of the defense's privacy knob (its default if omitted)."),
-    epochs: int = typer.Option(10, "--epochs", "-e", min=1, help="Training epochs in all (shared among the defense's stages)."),
+    task: str = config_option(TrainConfig, "task", "--task", "-t", help=TASK_HELP),
+    defense: str = config_option(TrainConfig, "defense", "--defense", "-d", help=DEFENSE_HELP),
+    lam: Optional[float] = config_option(TrainConfig, "knob", "--lambda", "-l", help="Value of the defense's privacy knob (its default if omitted)."),
+    epochs: int = config_option(TrainConfig, "epochs", "--epochs", "-e", min=1, help="Training epochs in all (shared among the defense's stages)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.json, metrics.json, weights (safetensors). Rerun to resume."),
-    model: str = typer.Option("cnn", "--model", help="Server task model: cnn (default), resnet (ResNet-20-like, batch norm) or mlp."),
-    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Records per batch."),
-    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant, or cosine (decay to 0 over each training stage)."),
-    client_budget: Optional[float] = typer.Option(None, "--client-budget", help="Client FLOPs allowed, as a fraction of the server model's (e.g. 0.01): sizes the defense's client network; refused if it cannot fit."),
-    seed: int = typer.Option(0, "--seed", help="Seed for data order, initialisation and training noise."),
-    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Use only this many training records."),
+    model: str = config_option(TrainConfig, "model", help="Server task model: cnn, resnet (ResNet-20-like, batch norm) or mlp."),
+    batch_size: int = config_option(TrainConfig, "batch_size", min=1, help="Records per batch."),
+    lr: float = config_option(TrainConfig, "lr", help="Adam learning rate."),
+    lr_schedule: str = config_option(TrainConfig, "lr_schedule", help="constant, or cosine (decay to 0 over each training stage)."),
+    client_budget: Optional[float] = config_option(TrainConfig, "client_budget", help="Client FLOPs allowed, as a fraction of the server model's (e.g. 0.01): sizes the defense's client network; refused if it cannot fit."),
+    seed: int = config_option(TrainConfig, "seed", help="Seed for data order, initialisation and training noise."),
+    train_size: Optional[int] = config_option(TrainConfig, "train_size", min=1, help="Use only this many training records."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
 ) -> None:
     """Train a defense together with the server task model; write the run folder."""
-    from veil.training import TrainConfig, train_run
+    from veil.training import train_run
 
     try:
         config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule, client_budget=client_budget)
@@ -131,7 +132,8 @@ def demo(
 
 
 # -- commands from other parts of veil are registered below (one line each) --
-from veil.federated.commands import federated_cmd, incremental_cmd  # noqa: E402
+from veil.federated.commands import federated_cmd  # noqa: E402
+from veil.workflows.commands import incremental_cmd  # noqa: E402
 
 app.command("incremental")(incremental_cmd)
 app.command("federated")(federated_cmd)
@@ -140,6 +142,11 @@ from veil.evaluation.commands import evaluate_cmd, report_cmd, sweep_cmd  # noqa
 app.command("evaluate")(evaluate_cmd)
 app.command("sweep")(sweep_cmd)
 app.command("report")(report_cmd)
+from veil.serving.commands import export_client_cmd, query_cmd, serve_cmd  # noqa: E402
+
+app.command("serve")(serve_cmd)
+app.command("query")(query_cmd)
+app.command("export-client")(export_client_cmd)
 
 
 def main() -> None:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
@@ -37,3 +38,24 @@ def parse_options(items: Optional[List[str]]) -> dict:
             raise ValueError(f"--option {key} given twice")
         out[key] = parsed
     return out
+
+
+def config_default(cls: type, name: str) -> Any:
+    """The default of field ``name`` of the config dataclass ``cls`` (the one place it is written)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if name not in fields:
+        raise ValueError(f"{cls.__name__} has no field {name!r}")
+    f = fields[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    raise ValueError(f"{cls.__name__}.{name} has no default")
+
+
+def config_option(cls: type, name: str, *flags: str, **kwargs: Any) -> Any:
+    """A ``typer.Option`` whose default is ``cls``'s default for field ``name`` (never restated in the CLI).
+
+    ``flags`` default to ``--name-with-dashes``; ``kwargs`` go to ``typer.Option`` (``help``, ``min``, ...).
+    """
+    return typer.Option(config_default(cls, name), *(flags or ("--" + name.replace("_", "-"),)), **kwargs)

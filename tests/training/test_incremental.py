@@ -11,7 +11,10 @@ import torch
 from veil.data.tasks import load_task
 from veil.io import load_weights
 from veil.models import create_model
-from veil.training.incremental import IncrementalConfig, fit_records, model_accuracy, run_incremental, screen
+from veil.training.incremental import IncrementalConfig, run_incremental
+from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
+from veil.training.screening import Screening, screen
+from veil.workflows.incremental import run as run_with_attack
 
 torch.set_num_threads(1)
 
@@ -37,7 +40,7 @@ def _structure(d):
 
 def test_two_steps_and_resume_give_the_same_result(tmp_path, task):
     cfg = _config(noise_seed=11)  # research opt-in: reproducible hand-over noise, so a resume is exact
-    full = run_incremental(cfg, tmp_path / "full", task=task, log=lambda s: None)
+    full = run_with_attack(cfg, tmp_path / "full", task=task, log=lambda s: None)
     assert [s["p"] for s in full["steps"]] == [10, 20]
     assert full["finished"] and not full["reached_target"]
     assert full["noise"] == "reproducible" and full["noise_seed"] == 11
@@ -49,13 +52,13 @@ def test_two_steps_and_resume_give_the_same_result(tmp_path, task):
     assert (tmp_path / "full" / "model.safetensors").exists()
 
     # interrupted after one p, then resumed
-    part = run_incremental(cfg, tmp_path / "part", task=task, log=lambda s: None, stop_after=1)
+    part = run_with_attack(cfg, tmp_path / "part", task=task, log=lambda s: None, stop_after=1)
     assert not part["finished"] and [s["p"] for s in part["steps"]] == [10]
     assert not (tmp_path / "part" / "incremental.json").exists()
     state = json.loads((tmp_path / "part" / "state.json").read_text())
     assert [s["p"] for s in state["steps"]] == [10]
     lines: list[str] = []
-    resumed = run_incremental(cfg, tmp_path / "part", task=task, log=lines.append)
+    resumed = run_with_attack(cfg, tmp_path / "part", task=task, log=lines.append)
     assert any("resuming after p = 10" in line for line in lines)
     assert _structure(resumed) == _structure(full)
     # each p is seeded on its own, so the resumed run reproduces the uninterrupted one
@@ -63,7 +66,7 @@ def test_two_steps_and_resume_give_the_same_result(tmp_path, task):
         assert a["nn_prime_p"] == pytest.approx(b["nn_prime_p"])
         assert a["nn_p"] == pytest.approx(b["nn_p"])
     # a finished run is not retrained
-    again = run_incremental(cfg, tmp_path / "part", task=task, log=lambda s: None)
+    again = run_with_attack(cfg, tmp_path / "part", task=task, log=lambda s: None)
     assert again == json.loads((tmp_path / "part" / "incremental.json").read_text())
 
 
@@ -72,14 +75,14 @@ def _hand_overs(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     import veil.training.incremental as inc
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = inc.fit_records
+    original = inc.fit
 
-    def spy(model, x, y, **kw):
+    def spy(defense, model, data, config, **kw):
         if kw.get("name", "").startswith("NN'"):
-            seen.append((x.clone(), kw["screened"].clone()))
-        return original(model, x, y, **kw)
+            seen.append((data.x.clone(), data.screened.clone()))
+        return original(defense, model, data, config, **kw)
 
-    monkeypatch.setattr(inc, "fit_records", spy)
+    monkeypatch.setattr(inc, "fit", spy)
     return seen
 
 
@@ -142,7 +145,7 @@ def test_screening_touches_only_flagged_records():
     x = torch.ones(8, 1, 4, 4) + torch.arange(8.0).view(8, 1, 1, 1)
     y = torch.zeros(8, dtype=torch.long)
     flags = torch.tensor([True] * 4 + [False] * 4)
-    fit_records(model, x, y, epochs=1, batch_size=8, lr=1e-3, seed=0, screened=flags, screen_ratio=0.5, log=lambda s: None)
+    fit(None, model, Messages(x, y, flags), TrainConfig(epochs=1, batch_size=8), screening=Screening(0.5), log=lambda s: None)
     batch = seen[0]
     zeros = (batch == 0).sum(1)
     # flattened rows: the first four records (values 1..4) are screened, the last four never
@@ -174,14 +177,14 @@ def test_resume_obfuscated_keeps_every_clean_record_from_the_resuming_engine(tmp
     import veil.training.incremental as inc
 
     seen: list[torch.Tensor] = []
-    original = inc.fit_records
+    original = inc.fit
 
-    def spy(model, x, y, **kw):
+    def spy(defense, model, data, config, **kw):
         if kw.get("name", "").startswith("NN'"):
-            seen.append(x.clone())
-        return original(model, x, y, **kw)
+            seen.append(data.x.clone())
+        return original(defense, model, data, config, **kw)
 
-    monkeypatch.setattr(inc, "fit_records", spy)
+    monkeypatch.setattr(inc, "fit", spy)
     cfg = _config(max_p=10, attack_epochs=0, resume_clean=False)
     run_incremental(cfg, tmp_path / "r", task=task, log=lambda s: None)
     clean = task.train.x.flatten(1)
@@ -211,7 +214,7 @@ def test_obfuscated_records_carry_what_the_clean_few_cannot(tmp_path):
     nn_p.load_state_dict(load_weights(tmp_path / "r" / "steps" / "p002_000" / "nn_p.safetensors"))
     assert model_accuracy(nn_p, full.test.x, full.test.y) == pytest.approx(step["nn_p"]["test_acc_clean"])
     steps = cfg.resume_epochs * -(-len(full.train) // cfg.batch_size)
-    fit_records(nn_p, clean.x, clean.y, epochs=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed + 3, log=lambda s: None)
+    fit(None, nn_p, Messages(clean.x, clean.y), cfg.train_config(steps, seed=cfg.seed + 3), log=lambda s: None)
     control = model_accuracy(nn_p, full.test.x, full.test.y)
     nn_prime = step["nn_prime_p"]["test_acc_clean"]
     assert nn_prime > control + 0.05, (nn_prime, control)

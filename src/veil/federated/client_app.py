@@ -1,5 +1,10 @@
 """Flower ClientApp: each client obfuscates its own records, then its local engine trains on them.
 
+In ``federated`` obfuscator training the message's arrays hold the global model and the global
+obfuscator (:func:`~veil.federated.task.pack`): the client first trains the obfuscator on its trusted
+fraction (trusted side), then obfuscates every record with it and hands them to its engine, and sends
+back both.
+
 The run's :class:`~veil.federated.task.FederatedConfig` arrives as JSON in the message's config record
 (key ``veil-config``), so the same app works in the in-process grid, the Ray simulation and real
 ``flower-supernode`` processes. The client's partition comes from ``context.node_config["partition-id"]``.
@@ -11,7 +16,10 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from veil.defenses import Defense
-from veil.federated.task import FederatedConfig, client_data, client_obfuscator, evaluate_model, local_train, new_model, obfuscate_for_engine
+from veil.federated.task import (
+    FederatedConfig, aggregates_obfuscator, client_data, client_obfuscator, evaluate_model, global_obfuscator, local_train, new_model,
+    obfuscate_for_engine, pack, train_obfuscator, trusted_records, unpack,
+)
 
 app = ClientApp()
 
@@ -46,35 +54,46 @@ def train(msg: Message, context: Context) -> Message:
     """One local round: trusted obfuscation of every record, then untrusted local training."""
     config, pid, text = _setup(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))
+    state = msg.content["arrays"].to_torch_state_dict()
+    model = new_model(config)
+    model_state, _ = unpack(state)
+    model.load_state_dict(model_state)
     train_split, _ = client_data(config, pid)
-    defense = _obfuscator(config, pid, text, train_split)
+    if aggregates_obfuscator(config):
+        # trusted side: the global obfuscator trained on this round's trusted fraction, jointly with a
+        # copy of the global model
+        defense = global_obfuscator(config, state)
+        trusted = trusted_records(config, pid, train_split, draw=server_round)
+        train_obfuscator(defense, model, trusted, config, seed=config.seed + 7 * server_round + pid)
+    else:
+        defense = _obfuscator(config, pid, text, train_split)
     # trusted side: hard selection by the known label, fresh OS-entropy noise every call (nothing the
     # server knows, such as config.seed, the round or pid, seeds it)
     x_obf = obfuscate_for_engine(defense, train_split)
     y = train_split.y
     del train_split  # nothing clean goes past this line
     # untrusted compute engine
-    model = new_model(config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     history = local_train(model, x_obf, y, config, seed=config.seed + 7 * server_round + pid, proximal_mu=mu)
     metrics = MetricRecord({"train_loss": history[-1]["loss"], "train_acc": history[-1]["train_acc"], "num-examples": len(y)})
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics})
-    return Message(content=content, reply_to=msg)
+    arrays = ArrayRecord(pack(model, defense if aggregates_obfuscator(config) else None))
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this client's test shard, obfuscated by its own obfuscator.
+    """Evaluate the global model on this client's test shard, obfuscated by the global obfuscator
+    (``federated`` training) or its own.
 
     ``acc_clean`` (the model on the clean shard) is a reference number for the data owner: it is
     computed on the trusted side, like the obfuscation itself, never by the local training engine.
     """
     config, pid, text = _setup(msg, context)
     train_split, test = client_data(config, pid)
-    defense = _obfuscator(config, pid, text, train_split)
+    state = msg.content["arrays"].to_torch_state_dict()
+    defense = global_obfuscator(config, state) if aggregates_obfuscator(config) else _obfuscator(config, pid, text, train_split)
     model = new_model(config)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_state_dict(unpack(state)[0])
     accs = evaluate_model(model, defense, test)
     metrics = MetricRecord({**accs, "num-examples": len(test)})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -19,8 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as strategies
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from veil.federated.task import FederatedConfig, new_model
-from veil.io import load_weights, read_json, save_weights, write_json
+from veil.federated.task import FederatedConfig, aggregates_obfuscator, global_obfuscator, initial_state, unpack
+from veil.io import load_weights, read_json, save_obfuscator, save_weights, write_json
 from veil.training.run import open_run_folder
 
 
@@ -48,11 +48,16 @@ def evaluate_on_clients(grid: Grid, arrays: ArrayRecord, config: FederatedConfig
     return {k: float(v) for k, v in agg.items() if k != "num-examples"}
 
 
-def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend: str = "", log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_server(
+    grid: Grid, config: FederatedConfig, out: str | Path, *, backend: str = "", strategy: strategies.Strategy | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Run ``config.rounds`` rounds of federated training on ``grid``; write the run folder ``out``.
 
     Files: ``config.json``, ``rounds.json`` + ``checkpoint.safetensors`` (after every round),
-    ``federated.json``, ``accuracy_per_round.png`` and ``model.safetensors`` (the final global model).
+    ``federated.json``, ``accuracy_per_round.png``, ``model.safetensors`` (the final global model) and,
+    where the obfuscator is aggregated, ``obfuscator.safetensors`` (the final global obfuscator). With
+    ``config.attack_epochs`` every round also attacks what the clients' engines received
+    (:func:`veil.federated.privacy.attack_round`).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
@@ -61,10 +66,13 @@ def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend:
         return finished
 
     history: list[dict[str, Any]] = []
-    model = new_model(config)
+    state = initial_state(config)
     if (out / "rounds.json").exists() and (out / "checkpoint.safetensors").exists():
         history = read_json(out / "rounds.json")["rounds"]
-        model.load_state_dict(load_weights(out / "checkpoint.safetensors"))
+        saved = load_weights(out / "checkpoint.safetensors")
+        if set(saved) != set(state):
+            raise ValueError(f"{out}/checkpoint.safetensors does not hold this run's global state")
+        state = saved
         log(f"{out}: resuming after round {history[-1]['round']}")
     done = history[-1]["round"] if history else -1
     t0 = time.time()
@@ -74,7 +82,14 @@ def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend:
         if local_round == 0 and done >= 0:
             return None  # round already evaluated before the interruption
         accs = evaluate_on_clients(grid, arrays, config, server_round)
-        rec = {"round": server_round, **accs, "elapsed_seconds": round(time.time() - t0, 2)}
+        rec: dict[str, Any] = {"round": server_round, **accs}
+        if local_round in replies:
+            from veil.federated.privacy import attack_round
+
+            rec["attack"] = attack_round(config, replies.pop(local_round), server_round)
+            rec["attack_acc"] = rec["attack"]["attack_acc"]
+            log(f"[federated] round {server_round}: attack on the engines' records {rec['attack_acc']:.4f} (primary-only floor {rec['attack']['primary_only_floor']:.4f})")
+        rec["elapsed_seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         log(f"[federated] round {server_round}/{config.rounds}: " + "  ".join(f"{k} {v:.4f}" for k, v in accs.items()))
         save_weights(out / "checkpoint.safetensors", arrays.to_torch_state_dict())
@@ -82,10 +97,20 @@ def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend:
         return MetricRecord(accs)
 
     remaining = config.rounds - max(done, 0)
-    strategy = build_strategy(config)
+    strategy = strategy or build_strategy(config)  # a caller may bring its own (lower minimums: veil.federated.deployment)
+    replies: dict[int, list[tuple[int, dict]]] = {}  # round -> (node id, state) of each client's reply
+    if config.attack_epochs:
+        aggregate = strategy.aggregate_train
+
+        def keep_replies(local_round: int, msgs):  # what each client's engine worked with, for the attack
+            msgs = list(msgs)
+            replies[local_round] = [(m.metadata.src_node_id, m.content["arrays"].to_torch_state_dict()) for m in msgs if m.has_content()]
+            return aggregate(local_round, msgs)
+
+        strategy.aggregate_train = keep_replies  # type: ignore[method-assign]
     train_config = ConfigRecord({"veil-config": config.to_json()})
     if remaining > 0:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=remaining, train_config=train_config, evaluate_fn=evaluate_fn)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining, train_config=train_config, evaluate_fn=evaluate_fn)
         final = result.arrays.to_torch_state_dict()
         for r, m in result.train_metrics_clientapp.items():
             for rec in history:
@@ -93,11 +118,14 @@ def run_server(grid: Grid, config: FederatedConfig, out: str | Path, *, backend:
                     rec.update({k: float(v) for k, v in m.items() if k != "num-examples"})
     else:
         final = load_weights(out / "checkpoint.safetensors")
-    save_weights(out / "model.safetensors", final)
+    save_weights(out / "model.safetensors", unpack(final)[0])
+    if aggregates_obfuscator(config):
+        save_obfuscator(out / "obfuscator.safetensors", global_obfuscator(config, final))
     summary = {
         "config": config.to_dict(),
         "backend": backend,
-        "exposure": "accuracy of the global model on each client's test shard, obfuscated by that client's obfuscator with hard selection (acc_training_exposure) and without the label (acc_inference); acc_clean on the clean shards",
+        "exposure": "accuracy of the global model on each client's test shard, obfuscated by the global obfuscator (federated obfuscator training) or the client's own, with hard selection (acc_training_exposure) and without the label (acc_inference); acc_clean on the clean shards"
+        + ("; attack: veil.evaluation attackers trained on held-out records obfuscated by each attacked client's obfuscator of the round, hard selection with y beside the message (what its engine received), scored on obfuscated test records" if config.attack_epochs else ""),
         "rounds": history,
         "seconds": round(time.time() - t0, 2),
     }

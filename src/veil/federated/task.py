@@ -1,12 +1,19 @@
 """Plain PyTorch side of federated training: the config, client data splits, client obfuscators,
 the local step, and evaluation. ``client_app.py`` and ``server_app.py`` are thin Flower adapters.
 
-Where a client's obfuscator comes from (decided here):
+Where a client's obfuscator comes from (``obfuscator_training``, decided here):
 
-* default: each client (the data owner of one partition) trains its **own** obfuscator on a small
-  trusted fraction of its records (``trusted_fraction``), with a throw-away local model, through the
-  defense's stages (:func:`veil.training.loop.fit`). This is the trusted step; it never leaves the
-  client's trusted side. No obfuscator weights travel.
+* ``federated`` (default): the obfuscator is trained like the model. Every round each client (the data
+  owner of one partition) receives the global model *and* the global obfuscator, trains the obfuscator
+  jointly with a copy of the global model on a trusted fraction of its records (``trusted_fraction``,
+  through the defense's stages, :func:`veil.training.loop.fit`: the trusted step), and sends the updated
+  obfuscator back beside the model its engine trained; the strategy aggregates both (FedAvg averages
+  them), so one shared obfuscator emerges and the global model learns to read one convention. The
+  obfuscator's weights are no secret (the attacker is assumed to hold them anyway); like the model's,
+  they are an update computed from the client's records, which is what every federated client sends.
+* ``local``: each client trains its **own** obfuscator once, on its trusted fraction, with a throw-away
+  local model; no obfuscator weights travel. Measured on mnist-lt5: the global model then has to read
+  five private conventions and loses 20-25 points against unobfuscated federated training (README).
 * ``obfuscator=PATH``: every client loads one shared, pre-trained obfuscator (``RUN/obfuscator.safetensors``
   from ``veil train``), which each data owner received out of band.
 
@@ -19,10 +26,12 @@ record nor the secondary label.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
 import math
+import random
 from typing import Any
 
 import numpy as np
@@ -34,11 +43,15 @@ from veil.defenses import Defense, create_defense, defense_class, with_knob
 from veil.io import load_obfuscator
 from veil.models import create_model
 from veil.noise import seed_everything
-from veil.training.incremental import SCREEN_MODES, default_defense, fit_records, model_accuracy
-from veil.training.loop import TrainConfig, fit
+from veil.training.incremental import default_defense
+from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
 from veil.training.run import obfuscate
+from veil.training.screening import SCREEN_MODES, Screening
 
 PARTITIONS = ("iid", "noniid")
+OBFUSCATOR_TRAINING = ("federated", "local")
+#: Key prefixes of the global state that travels: the model's, and (``federated`` obfuscators) the obfuscator's.
+MODEL, OBFUSCATOR = "model.", "obfuscator."
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian")
 
 
@@ -51,19 +64,30 @@ class FederatedConfig:
         partition: ``iid`` or ``noniid`` (label skew: per-client shares of each secondary class, e.g.
             each digit, drawn from Dirichlet(``alpha``)).
         alpha: Dirichlet concentration for ``noniid`` (smaller = more skewed).
-        defense: Client obfuscator (default ``scnl`` once registered, else ``gaussian``; ``none`` trains
-            on clean records: the baseline).
+        defense: Client obfuscator (default ``scnl-private``, veil's most private working defense;
+            ``none`` trains on clean records: the baseline).
         knob, defense_options: The defense's knob value and other options.
         obfuscator: Path of a shared pre-trained obfuscator (safetensors from ``veil train``); None:
-            each client trains its own on ``trusted_fraction`` of its records.
-        trusted_fraction: Share of each client's records its data owner uses to train its obfuscator.
-        obfuscator_epochs: Epochs for that (shared among the defense's stages).
+            the clients train it (``obfuscator_training``).
+        obfuscator_training: ``federated`` (every round, on each client's trusted fraction, jointly with
+            the global model, aggregated by the strategy like the model) or ``local`` (each client its
+            own, once). See the module docstring.
+        trusted_fraction: Share of each client's records its data owner trains the obfuscator on (a fresh
+            draw every round in ``federated`` training).
+        obfuscator_epochs: Epochs for that (per round in ``federated`` training; shared among the
+            defense's stages).
         local_epochs: Local epochs per round on the obfuscated records.
         screen_ratio, screen_mode: Screening of the obfuscated records at every local iteration.
         strategy: Flower strategy (fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedmedian).
         proximal_mu: FedProx's mu. server_lr: Server learning rate (eta) of the FedOpt strategies.
         model, batch_size, lr, seed, train_size: As in ``veil train``. eval_size: Test records used
             (None: all), split among the clients for federated evaluation.
+        attack_epochs: After every round, attack what the clients' engines saw that round (each client's
+            obfuscator of the round, training exposure with y: :mod:`veil.evaluation.attack`'s attackers,
+            every architecture, early-stopped) with at most this many epochs per attacker (0: no attack).
+        attack_clients: How many clients' obfuscators are attacked per round (the first by node id).
+        attack_size: Records each attacker trains on (held-out records no client holds; None: as many
+            as the clients hold together).
     """
 
     task: str = "digits-lt5"
@@ -75,6 +99,7 @@ class FederatedConfig:
     knob: float | None = None
     defense_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     obfuscator: str | None = None
+    obfuscator_training: str = "federated"
     trusted_fraction: float = 0.1
     obfuscator_epochs: int = 2
     local_epochs: int = 1
@@ -89,6 +114,9 @@ class FederatedConfig:
     seed: int = 0
     train_size: int | None = None
     eval_size: int | None = None
+    attack_epochs: int = 0
+    attack_clients: int = 1
+    attack_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -114,6 +142,12 @@ class FederatedConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.proximal_mu) and math.isfinite(self.server_lr)) or self.proximal_mu < 0 or self.server_lr <= 0:
             raise ValueError(f"proximal_mu must be >= 0 and server_lr > 0, got {self.proximal_mu!r}, {self.server_lr!r}")
+        if self.obfuscator_training not in OBFUSCATOR_TRAINING:
+            raise ValueError(f"obfuscator_training must be one of {', '.join(OBFUSCATOR_TRAINING)}, got {self.obfuscator_training!r}")
+        if self.attack_epochs < 0 or not 1 <= self.attack_clients <= self.clients:
+            raise ValueError(f"attack_epochs must be >= 0 and attack_clients in [1, clients={self.clients}], got {self.attack_epochs!r}, {self.attack_clients!r}")
+        if self.attack_size is not None and self.attack_size < 10:
+            raise ValueError(f"attack_size must be >= 10 or None, got {self.attack_size!r}")
         if self.eval_size is not None and self.eval_size < self.clients:
             raise ValueError(f"eval_size must be at least the number of clients ({self.clients}), got {self.eval_size!r}")
         if self.obfuscator is None:
@@ -200,8 +234,88 @@ def new_model(config: FederatedConfig, task: Task | None = None) -> nn.Module:
     return create_model(config.model, task.input_shape, task.num_primary)
 
 
+def new_obfuscator(config: FederatedConfig, task: Task | None = None, *, seed: int | None = None) -> Defense:
+    """An untrained obfuscator of ``config.defense``, seeded (default: the round-0 global obfuscator)."""
+    task = task or load_federated_task(config)
+    seed_everything(config.seed if seed is None else seed)
+    options = with_knob(config.defense, config.knob, config.defense_options)
+    return create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
+
+
+def aggregates_obfuscator(config: FederatedConfig) -> bool:
+    """Whether the obfuscator travels with the model and is aggregated (``federated`` training of a
+    defense that has something to train)."""
+    if config.obfuscator is not None or config.obfuscator_training != "federated":
+        return False
+    return _trains(config.to_json())
+
+
+@functools.lru_cache(maxsize=8)
+def _trains(config_json: str) -> bool:
+    config = FederatedConfig.from_json(config_json)
+    with torch.random.fork_rng(devices=[]):  # building the probe must not move anyone's random state
+        states = np.random.get_state(), random.getstate()
+        trains = any(p.requires_grad for p in new_obfuscator(config).parameters())
+        np.random.set_state(states[0])
+        random.setstate(states[1])
+    return trains
+
+
+def pack(model: nn.Module, defense: Defense | None) -> dict[str, torch.Tensor]:
+    """The global state that travels: the model's tensors (``model.*``) and, where it is aggregated, the
+    obfuscator's (``obfuscator.*``)."""
+    state = {MODEL + k: v for k, v in model.state_dict().items()}
+    if defense is not None:
+        state.update({OBFUSCATOR + k: v for k, v in defense.state_dict().items()})
+    return state
+
+
+def unpack(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(model state, obfuscator state or None) from :func:`pack`'s layout."""
+    model = {k[len(MODEL):]: v for k, v in state.items() if k.startswith(MODEL)}
+    obf = {k[len(OBFUSCATOR):]: v for k, v in state.items() if k.startswith(OBFUSCATOR)}
+    if len(model) + len(obf) != len(state):
+        raise ValueError(f"global state keys must start with {MODEL!r} or {OBFUSCATOR!r}, got {sorted(set(state))[:3]}...")
+    return model, (obf or None)
+
+
+def initial_state(config: FederatedConfig) -> dict[str, torch.Tensor]:
+    """The round-0 global state: the seeded model, and the seeded obfuscator where it is aggregated."""
+    return pack(new_model(config), new_obfuscator(config) if aggregates_obfuscator(config) else None)
+
+
+def global_obfuscator(config: FederatedConfig, state: dict[str, torch.Tensor]) -> Defense:
+    """The obfuscator held in a global state (:func:`pack`), in eval mode."""
+    _, obf = unpack(state)
+    if obf is None:
+        raise ValueError("this global state carries no obfuscator (it is aggregated only in federated obfuscator training)")
+    defense = new_obfuscator(config)
+    defense.load_state_dict(obf)
+    defense.eval()
+    return defense
+
+
+def trusted_records(config: FederatedConfig, partition_id: int, train: Split, *, draw: int = 0) -> Split:
+    """The ``trusted_fraction`` of client ``partition_id``'s records its data owner trains the obfuscator
+    on (draw ``draw``: a fresh choice every round in federated training)."""
+    n = max(2, int(round(config.trusted_fraction * len(train))))
+    keep = np.sort(np.random.default_rng(config.seed + partition_id + 7 * draw).permutation(len(train))[:n])
+    return train.subset(keep)
+
+
+def train_obfuscator(defense: Defense, model: nn.Module, trusted: Split, config: FederatedConfig, *, seed: int, task: Task | None = None) -> None:
+    """The trusted step: ``defense`` trained jointly with a copy of ``model`` (discarded) on ``trusted``
+    through the defense's stages."""
+    task = task or load_federated_task(config)
+    local = Task(task.name, trusted, trusted, trusted, task.num_primary, task.num_secondary)
+    tc = TrainConfig(task=task.name, defense=config.defense, epochs=config.obfuscator_epochs, batch_size=config.batch_size, lr=config.lr, seed=seed)
+    fit(defense, copy.deepcopy(model), local, tc, log=lambda s: None)
+    defense.eval()
+
+
 def client_obfuscator(config: FederatedConfig, partition_id: int, train: Split, task: Task | None = None) -> Defense:
-    """The obfuscator of client ``partition_id`` (trusted side). See the module docstring."""
+    """The obfuscator of client ``partition_id`` where it is not aggregated (``local`` training, a shared
+    pre-trained one, or a defense with nothing to train). Trusted side."""
     task = task or load_federated_task(config)
     if config.obfuscator is not None:
         defense = load_obfuscator(config.obfuscator)
@@ -209,17 +323,9 @@ def client_obfuscator(config: FederatedConfig, partition_id: int, train: Split, 
             raise ValueError(f"{config.obfuscator}: obfuscator is for records {defense.input_shape} with {defense.num_classes} classes, task {task.name!r} has {task.input_shape} and {task.num_primary}")
         defense.eval()
         return defense
-    options = with_knob(config.defense, config.knob, config.defense_options)
-    seed_everything(config.seed + 7919 * (partition_id + 1))
-    defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
+    defense = new_obfuscator(config, task, seed=config.seed + 7919 * (partition_id + 1))
     if any(p.requires_grad for p in defense.parameters()):
-        n = max(2, int(round(config.trusted_fraction * len(train))))
-        keep = np.sort(np.random.default_rng(config.seed + partition_id).permutation(len(train))[:n])
-        trusted = train.subset(keep)
-        helper = create_model(config.model, task.input_shape, task.num_primary)
-        local = Task(task.name, trusted, trusted, trusted, task.num_primary, task.num_secondary)
-        tc = TrainConfig(task=task.name, defense=config.defense, epochs=config.obfuscator_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + partition_id)
-        fit(defense, helper, local, tc, log=lambda s: None)
+        train_obfuscator(defense, create_model(config.model, task.input_shape, task.num_primary), trusted_records(config, partition_id, train), config, seed=config.seed + partition_id, task=task)
     defense.eval()
     return defense
 
@@ -237,11 +343,9 @@ def obfuscate_for_engine(defense: Defense, split: Split, *, use_labels: bool = T
 
 def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: FederatedConfig, *, seed: int, proximal_mu: float = 0.0) -> list[dict[str, float]]:
     """The untrusted compute engine's step: train ``model`` on already-obfuscated records."""
-    return fit_records(
-        model, x, y, epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, seed=seed,
-        screened=torch.ones(len(x), dtype=torch.bool), screen_ratio=config.screen_ratio, screen_mode=config.screen_mode,
-        proximal_mu=proximal_mu, log=lambda s: None, name="client",
-    )
+    tc = TrainConfig(task=config.task, defense=config.defense, epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr, seed=seed)
+    screening = Screening(config.screen_ratio, config.screen_mode) if config.screen_ratio > 0 else None
+    return fit(None, model, Messages(x, y, torch.ones(len(x), dtype=torch.bool)), tc, screening=screening, proximal_mu=proximal_mu, log=lambda s: None, name="client")
 
 
 def evaluate_model(model: nn.Module, defense: Defense, split: Split) -> dict[str, float]:

@@ -38,135 +38,20 @@ from veil.defenses import Defense, create_defense, defense_class, list_defenses,
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
 from veil.models import create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, seed_everything
-from veil.training.loop import TrainConfig, fit
+from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
 from veil.training.run import obfuscate, open_run_folder
+from veil.training.screening import SCREEN_MODES, Screening
 
-SCREEN_MODES = ("rect", "pixel")
+#: What the hand-over's privacy is measured with: ``attack(defense, handed_over, val, test, task, config)``
+#: returns the attack record of one step (the orchestration in :mod:`veil.workflows.incremental` supplies it).
+Attack = Callable[[Defense, Split, Split, Split, Task, "IncrementalConfig"], dict[str, Any]]
 
 
 def default_defense() -> str:
-    """``scnl`` once it is registered, else ``gaussian`` (the placeholder obfuscator)."""
-    return "scnl" if "scnl" in list_defenses() else "gaussian"
-
-
-# --------------------------------------------------------------------------------------- screening
-def screen(x: torch.Tensor, ratio: float, *, mode: str = "rect", generator: torch.Generator | None = None) -> torch.Tensor:
-    """Hide a random part of each record (the §4.1 regulariser): hidden values are set to 0.
-
-    Args:
-        x: Records (B, C, H, W).
-        ratio: Share of each record's pixels hidden, in [0, 1). 0 returns ``x`` unchanged.
-        mode: ``"rect"``: one random rectangle of about ``ratio * H * W`` pixels per record (same on
-            every channel); ``"pixel"``: each pixel hidden independently with probability ``ratio``.
-        generator: Source of the masks (a fresh draw every call: every iteration).
-
-    Returns:
-        (B, C, H, W), the screened records.
-    """
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"screen ratio must lie in [0, 1), got {ratio!r}")
-    if mode not in SCREEN_MODES:
-        raise ValueError(f"unknown screen mode {mode!r}; valid: {', '.join(SCREEN_MODES)}")
-    if ratio == 0.0 or len(x) == 0:
-        return x
-    b, _, h, w = x.shape
-    if mode == "pixel":
-        keep = torch.rand(b, 1, h, w, generator=generator) >= ratio
-        return x * keep.to(x.dtype)
-    # rectangle with the aspect of the record, area ~ ratio * H * W
-    rh = min(h, max(1, round(h * math.sqrt(ratio))))
-    rw = min(w, max(1, round(w * ratio * h / rh)))
-    top = torch.randint(0, h - rh + 1, (b,), generator=generator)
-    left = torch.randint(0, w - rw + 1, (b,), generator=generator)
-    rows = torch.arange(h).view(1, h, 1)
-    cols = torch.arange(w).view(1, 1, w)
-    hide = ((rows >= top.view(b, 1, 1)) & (rows < (top + rh).view(b, 1, 1)) & (cols >= left.view(b, 1, 1)) & (cols < (left + rw).view(b, 1, 1)))
-    return x * (~hide).unsqueeze(1).to(x.dtype)  # (B, 1, H, W) broadcast over channels
-
-
-# --------------------------------------------------------------------------- training on fixed records
-def fit_records(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    screened: torch.Tensor | None = None,
-    screen_ratio: float = 0.0,
-    screen_mode: str = "rect",
-    proximal_mu: float = 0.0,
-    log: Callable[[str], None] | None = None,
-    name: str = "model",
-) -> list[dict[str, float]]:
-    """Train ``model`` on records that are already what the compute engine may see.
-
-    This is the untrusted side's loop: ``x`` is whatever the data owner handed over (clean records it
-    chose to share, obfuscated ones). Records flagged in ``screened`` get a fresh random screen every
-    batch. ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_start||^2`` term.
-
-    Returns:
-        One record per epoch: loss and training accuracy.
-    """
-    if len(x) == 0:
-        raise ValueError("no records to train on")
-    if len(x) != len(y):
-        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    flags = torch.zeros(len(x), dtype=torch.bool) if screened is None else screened.bool()
-    gen = torch.Generator().manual_seed(seed)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    history = []
-    for epoch in range(epochs):
-        t0, total, correct = time.time(), 0.0, 0
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            xb, yb, fb = x[idx], y[idx], flags[idx]
-            if screen_ratio > 0 and bool(fb.any()):
-                xb = torch.where(fb.view(-1, 1, 1, 1), screen(xb, screen_ratio, mode=screen_mode, generator=gen), xb)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if anchor is not None:
-                loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} training {name}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-        rec = {"epoch": epoch + 1, "loss": total / len(x), "train_acc": correct / len(x), "seconds": round(time.time() - t0, 2)}
-        history.append(rec)
-        log(f"[{name}] epoch {epoch + 1}/{epochs}: loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}  ({rec['seconds']}s)")
-    model.eval()
-    return history
-
-
-@torch.no_grad()
-def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
-    """Accuracy of ``model`` on records ``x`` exactly as given (clean or already obfuscated)."""
-    was = model.training
-    model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    model.train(was)
-    return correct / max(1, len(x))
-
-
-def attack_obfuscated_part(defense: Defense, rest: Split, val: Split, test: Split, task: Task, *, epochs: int, seed: int) -> dict[str, Any]:
-    """Privacy of the obfuscated part: :func:`veil.evaluation.attack.attack_exposure` at the training
-    exposure (hard selection), its attackers trained on SL-p's obfuscations of the (100 - p)% records,
-    early-stopped on obfuscated validation records and scored on obfuscated test records."""
-    from veil.evaluation.attack import AttackConfig, attack_exposure
-
-    view = Task(task.name, rest, val, test, task.num_primary, task.num_secondary)
-    cfg = AttackConfig(attackers=("linear", "cnn"), epochs=epochs, patience=max(1, min(3, epochs)), views=1, averaging_k=0, exposures=("training",), seed=seed)
-    res = attack_exposure(defense, view, "training", cfg, log=lambda s: None)
-    return {"attack_acc": res["attack_acc"], "attacker": res["best"], "attack_acc_max_over_attackers": res["attack_acc_max_over_attackers"], "attack_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.to_dict().items()}}
+    """veil's most private working defense, ``scnl-private`` (lambda 10: attack at the primary-only floor on
+    mnist-lt5 with the primary accuracy kept, README "Headline comparison"); ``gaussian`` where the SCNL
+    family is not registered."""
+    return "scnl-private" if "scnl-private" in list_defenses() else "gaussian"
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -190,8 +75,12 @@ class IncrementalConfig:
             by SL-p too (and screened), so the engine training NN'-p receives no clean record.
         clean_epochs: Epochs of NN-p on the p% clean records. obfuscator_epochs: Epochs of SL-p (shared
             among the defense's stages). resume_epochs: Epochs of NN'-p on clean + obfuscated records.
-        attack_epochs: Most epochs of each secondary-attribute attacker (linear and CNN from
-            :mod:`veil.evaluation.attack`, early-stopped on obfuscated validation records; 0: no attack).
+        attack_epochs: Most epochs of each secondary-attribute attacker (0: no attack). The attack is
+            :mod:`veil.evaluation.attack`'s at the training exposure (y beside the message): every
+            attacker architecture, fresh obfuscations each epoch, trained on SL-p's messages of the
+            handed-over records, early-stopped on obfuscated validation records, scored on obfuscated
+            test records (:mod:`veil.workflows.incremental`).
+        attack_size: Most handed-over records the attackers train on (None: all of them).
         batch_size, lr, seed: Training settings. train_size: Keep only this many training records.
         eval_size: Evaluate on at most this many validation/test records (None: all).
         noise_seed: Research opt-in: draw the obfuscation noise of the hand-over from this seed, so the
@@ -214,7 +103,8 @@ class IncrementalConfig:
     clean_epochs: int = 5
     obfuscator_epochs: int = 4
     resume_epochs: int = 3
-    attack_epochs: int = 5
+    attack_epochs: int = 15
+    attack_size: int | None = None
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
@@ -245,6 +135,8 @@ class IncrementalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.attack_epochs < 0:
             raise ValueError(f"attack_epochs must be >= 0, got {self.attack_epochs!r}")
+        if self.attack_size is not None and self.attack_size < 10:
+            raise ValueError(f"attack_size must be >= 10 or None, got {self.attack_size!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.eval_size is not None and self.eval_size < 1:
@@ -272,6 +164,10 @@ class IncrementalConfig:
             p += self.step
         return out + [self.max_p]
 
+    def train_config(self, epochs: int, *, seed: int) -> TrainConfig:
+        """The :class:`~veil.training.loop.TrainConfig` of one of the step's trainings."""
+        return TrainConfig(task=self.task, defense=self.defense, epochs=epochs, batch_size=self.batch_size, lr=self.lr, seed=seed)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -298,11 +194,20 @@ def _trains_anything(defense: Defense) -> bool:
 
 
 def run_incremental(
-    config: IncrementalConfig, out: str | Path, *, task: Task | None = None, log: Callable[[str], None] | None = None, stop_after: int | None = None
+    config: IncrementalConfig,
+    out: str | Path,
+    *,
+    task: Task | None = None,
+    attack: Attack | None = None,
+    log: Callable[[str], None] | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) incremental training into run folder ``out``.
 
     Args:
+        attack: Measures the privacy of each step's hand-over (None: not measured; ``veil incremental``
+            and :func:`veil.workflows.incremental.run` pass the retrained attackers of
+            :mod:`veil.evaluation.attack`).
         stop_after: Stop after this many newly finished p steps (for tests of the resume path).
 
     Returns:
@@ -344,12 +249,12 @@ def run_incremental(
         log(f"== p = {p}%: {len(clean)} clean records, {len(rest)} to obfuscate")
 
         # 1. NN-p on the clean p% (warm start: NN-(p - step))
-        fit_records(nn_p, clean.x, clean.y, epochs=config.clean_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 1, log=log, name=f"NN-{p:g}")
+        fit(None, nn_p, Messages(clean.x, clean.y), config.train_config(config.clean_epochs, seed=config.seed + 1), log=log, name=f"NN-{p:g}")
         # 2. SL-p trained with a copy of NN-p on the same clean records (the trusted step)
         if _trains_anything(defense):
             helper = copy.deepcopy(nn_p)
             sub = Task(task.name, clean, _head(val, 512), _head(val, 512), task.num_primary, task.num_secondary)
-            fit(defense, helper, sub, TrainConfig(task=task.name, defense=config.defense, epochs=config.obfuscator_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 2), log=log)
+            fit(defense, helper, sub, config.train_config(config.obfuscator_epochs, seed=config.seed + 2), log=log)
         defense.eval()
         # 3. obfuscate the rest with SL-p, hard selection by the known label (training exposure); the
         # noise is private (OS entropy): the engine may hold config.json, so nothing in it seeds the noise
@@ -361,7 +266,8 @@ def run_incremental(
         x_all = torch.cat([shown, obf]) if len(rest) else shown
         y_all = torch.cat([clean.y, rest.y])
         flags = torch.cat([torch.full((len(clean),), not config.resume_clean), torch.ones(len(rest), dtype=torch.bool)])
-        fit_records(nn_prime, x_all, y_all, epochs=config.resume_epochs, batch_size=config.batch_size, lr=config.lr, seed=config.seed + 3, screened=flags, screen_ratio=config.screen_ratio, screen_mode=config.screen_mode, log=log, name=f"NN'-{p:g}")
+        fit(None, nn_prime, Messages(x_all, y_all, flags), config.train_config(config.resume_epochs, seed=config.seed + 3),
+            screening=Screening(config.screen_ratio, config.screen_mode), log=log, name=f"NN'-{p:g}")
 
         test_obf = obfuscate(defense, test.x, test.y, generator=gen)
         rec: dict[str, Any] = {
@@ -376,8 +282,8 @@ def run_incremental(
             },
             "privacy": {"exposure": "training", "primary_only_floor": floor, "majority_floor": task.majority_floor(), "chance": 1.0 / task.num_secondary},
         }
-        if config.attack_epochs and len(rest) >= 10:
-            rec["privacy"].update(attack_obfuscated_part(defense, rest, val, test, task, epochs=config.attack_epochs, seed=config.seed + 4))
+        if attack is not None and config.attack_epochs and len(rest) >= 10:
+            rec["privacy"].update(attack(defense, rest, val, test, task, config))
         rec["seconds"] = round(time.time() - t0, 2)
         log(f"== p = {p}%: NN-p {rec['nn_p']['test_acc_clean']:.4f}, NN'-p {rec['nn_prime_p']['test_acc_clean']:.4f} (clean test), "
             f"attack {rec['privacy'].get('attack_acc', float('nan')):.4f} vs floor {floor:.4f}  ({rec['seconds']}s)")
@@ -405,7 +311,7 @@ def _finish(config: IncrementalConfig, out: Path, steps: list[dict[str, Any]], r
             tmp.write_bytes((last / name).read_bytes())
     result = {
         "config": config.to_dict(),
-        "exposure": "NN-p: clean test records; NN'-p: clean test records and test records obfuscated by SL-p with hard selection (training exposure); privacy: veil.evaluation attackers (linear, CNN) trained on SL-p obfuscations of the (100-p)% records (training exposure), scored on obfuscated test records",
+        "exposure": "NN-p: clean test records; NN'-p: clean test records and test records obfuscated by SL-p with hard selection (training exposure); privacy: veil.evaluation attackers (every architecture, y beside the message) trained on SL-p obfuscations of the (100-p)% handed-over records (training exposure), scored on obfuscated test records",
         "target_metric": "NN'-p accuracy on the clean validation split",
         **config.noise_source(),
         "reached_target": bool(reached),

@@ -1,8 +1,11 @@
-"""The one training loop every defense runs through.
+"""The one training loop every defense runs through, and the one the compute engine trains with.
 
-``fit`` walks the defense's stages; in each, the loss is the task loss on the server model's output for
-``decode(encode(x, y or None))`` plus ``defense.penalty()``. A defense decides which of its parameters
-train (``set_stage``); it never brings a loop of its own.
+``fit`` takes either a :class:`~veil.data.tasks.Task` (clean records on the data owner's side: it walks
+the defense's stages; in each, the loss is the task loss on the server model's output for
+``decode(encode(x, y or None))`` plus ``defense.penalty()``) or :class:`Messages` (records already
+encoded, as an untrusted engine receives them: the loss is the task loss on ``model(decode(m))``, with
+screening and FedProx's proximal term as options). A defense decides which of its parameters train
+(``set_stage``); it never brings a loop of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch.nn import functional as F
 
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense, Recipe, Stage
+from veil.training.screening import Screening
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -124,6 +128,43 @@ def stage_epochs(stages: list[Stage], epochs: int) -> list[int]:
     return counts
 
 
+@dataclasses.dataclass(frozen=True)
+class Messages:
+    """Records exactly as the compute engine receives them (already encoded on the client), with their
+    primary labels: what :func:`fit` trains the server model on at the untrusted side.
+
+    Attributes:
+        x: (N, ...) the messages (records the data owner chose to send in the clear count as messages too).
+        y: (N,) primary labels.
+        screened: (N,) bool, the records that get a fresh screen every batch (None: none).
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    screened: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.x) == 0:
+            raise ValueError("no records to train on")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x and y must have the same length, got {len(self.x)} and {len(self.y)}")
+        if self.screened is not None and len(self.screened) != len(self.x):
+            raise ValueError(f"screened must flag every record: {len(self.screened)} flags for {len(self.x)} records")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def loader(self, batch_size: int, *, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches of (messages, y, screened flags) in an order drawn from ``seed``."""
+        flags = torch.zeros(len(self.x), dtype=torch.bool) if self.screened is None else self.screened.bool()
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(seed))
+        return [(self.x[i], self.y[i], flags[i]) for i in (order[j : j + batch_size] for j in range(0, len(order), batch_size))]
+
+
+#: The one stage of training on :class:`Messages`: the engine trains the model; nothing of the client's does.
+ENGINE_STAGE = Stage("engine", use_labels=False, train_model=True)
+
+
 def make_optimizer(params: list[nn.Parameter], recipe: Recipe) -> torch.optim.Optimizer:
     """The optimizer ``recipe`` names over ``params`` (its learning rate is set per step by :func:`fit`)."""
     if recipe.optimizer == "sgd":
@@ -150,6 +191,16 @@ def train_step(
     logits = model(defense.decode(m))
     loss = F.cross_entropy(logits, y) + defense.penalty()
     return loss, logits
+
+
+@torch.no_grad()
+def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
+    """Accuracy of ``model`` on records ``x`` exactly as given (clean, or messages already decoded)."""
+    was = model.training
+    model.eval()
+    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    model.train(was)
+    return correct / max(1, len(x))
 
 
 @torch.no_grad()
@@ -182,90 +233,121 @@ def _trainable(defense: Defense, model: nn.Module, stage: Stage) -> list[nn.Para
 
 
 def fit(
-    defense: Defense,
+    defense: Defense | None,
     model: nn.Module,
-    task: Task,
+    data: Task | Messages,
     config: TrainConfig,
     *,
+    screening: Screening | None = None,
+    proximal_mu: float = 0.0,
     start: tuple[int, int] = (0, 0),
     optimizer_state: dict | None = None,
     on_epoch_end: Callable[[int, int, torch.optim.Optimizer, dict], None] | None = None,
     log: Callable[[str], None] | None = None,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``defense`` and ``model`` together on ``task`` through the defense's stages.
+    """Train ``model`` (and ``defense``, on clean records) on ``data``.
 
     Args:
+        defense: The obfuscator. With a :class:`Task` it encodes every batch and trains through its
+            stages. With :class:`Messages` it only decodes (the server's step) and never trains; None
+            there means messages the model reads as they are.
+        data: A :class:`Task` (the data owner's clean records; validation accuracy after every epoch) or
+            :class:`Messages` (the engine's already-encoded records: one ``engine`` stage, model only).
+        screening: Messages only: screen the flagged records afresh in every batch (seed 000 §4.1).
+        proximal_mu: Adds FedProx's ``mu / 2 * ||w - w_start||^2`` over the model's parameters.
         start: (stage index, epoch within stage) to resume from.
         optimizer_state: Optimizer state to restore when resuming mid-stage.
         on_epoch_end: Called as ``(stage_index, next_epoch, optimizer, record)`` after every epoch
             (checkpointing lives there).
         log: Where progress lines go (default: stderr).
+        name: Label of the log lines (default: the defense's name, or ``engine``).
 
     Returns:
-        One record per epoch: stage, epoch, train loss, train accuracy, validation accuracy.
+        One record per epoch: stage, epoch, train loss, train accuracy, validation accuracy (Task only).
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    stages = defense.stages()
-    counts = stage_epochs(stages, config.epochs)
+    engine = isinstance(data, Messages)
+    if defense is None and not engine:
+        raise ValueError("fit on a Task needs the defense that encodes its records")
+    if screening is not None and not engine:
+        raise ValueError("screening applies to records already encoded: pass Messages")
+    if not (proximal_mu >= 0 and math.isfinite(proximal_mu)):
+        raise ValueError(f"proximal_mu must be a number >= 0, got {proximal_mu!r}")
+    name = name or ("engine" if engine or defense is None else defense.name)
+    stages = [ENGINE_STAGE] if engine else defense.stages()
+    counts = [config.epochs] if engine else stage_epochs(stages, config.epochs)
     if sum(counts) != config.epochs:
-        log(f"[{defense.name}] {config.epochs} epoch(s) for {len(stages)} stages: each stage runs 1 epoch ({sum(counts)} in all)")
-    recipe = training_recipe(defense, config)
-    if defense.recipe is not None:
+        log(f"[{name}] {config.epochs} epoch(s) for {len(stages)} stages: each stage runs 1 epoch ({sum(counts)} in all)")
+    recipe = Recipe(optimizer="adam", lr=config.lr, schedule=config.lr_schedule) if engine or defense is None else training_recipe(defense, config)
+    if not engine and defense.recipe is not None:
         log(
-            f"[{defense.name}] trains with its paper's recipe: {recipe.optimizer} lr {recipe.lr} momentum {recipe.momentum} "
+            f"[{name}] trains with its paper's recipe: {recipe.optimizer} lr {recipe.lr} momentum {recipe.momentum} "
             f"weight decay {recipe.weight_decay}, {recipe.schedule} schedule (the run's lr and lr_schedule are not used)"
         )
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    screen_gen = torch.Generator().manual_seed(config.seed + 17)  # screens: a fresh draw every batch
     history: list[dict[str, Any]] = []
     for si, (stage, n_epochs) in enumerate(zip(stages, counts)):
         if si < start[0]:
             continue
-        defense.set_stage(stage.name)
-        defense.train()
+        if engine and defense is not None:
+            defense.eval()  # the server's decode only; the client's parameters are not the engine's to train
+        elif not engine:
+            defense.set_stage(stage.name)
+            defense.train()
         model.train()
         first = start[1] if si == start[0] else 0
-        if first == 0:
+        if first == 0 and not engine:
             # what setup derives (SVD's basis, sample-and-hold's windows) lives in the defense's buffers, so
             # a stage resumed mid-way keeps it instead of recalibrating on a partly trained model
-            loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si)
-            defense.setup(model, loader)
-        params = _trainable(defense, model, stage)
+            defense.setup(model, data.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si))
+        params = list(model.parameters()) if engine else _trainable(defense, model, stage)
         if not params:
-            raise ValueError(f"stage {stage.name!r} of defense {defense.name!r} has nothing to train")
+            raise ValueError(f"stage {stage.name!r} of defense {name!r} has nothing to train")
         opt = make_optimizer(params, recipe)
         if first and optimizer_state:
             opt.load_state_dict(optimizer_state)
         for epoch in range(first, n_epochs):
             t0, total, correct, seen = time.time(), 0.0, 0, 0
             # a different but reproducible order every epoch, also after a resume
-            loader = task.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si + epoch, with_mask=defense.uses_mask)
+            seed = config.seed + 1000 * si + epoch
+            if engine:
+                loader = data.loader(config.batch_size, seed=seed)
+            else:
+                loader = data.train.loader(config.batch_size, shuffle=True, seed=seed, with_mask=defense.uses_mask)
             steps = len(loader)
-            for i, (x, y, *mask) in enumerate(loader):
+            for i, (x, y, *extra) in enumerate(loader):
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * lr_factor(recipe.schedule, epoch * steps + i, n_epochs * steps)
-                loss, logits = train_step(defense, model, x, y, stage, mask[0] if mask else None)
+                if engine:
+                    m = screening(x, extra[0], screen_gen) if screening is not None else x
+                    logits = model(defense.decode(m) if defense is not None else m)
+                    loss = F.cross_entropy(logits, y)
+                else:
+                    loss, logits = train_step(defense, model, x, y, stage, extra[0] if extra else None)
+                if anchor is not None:
+                    loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r}, epoch {epoch + 1}; lower --lr or the knob")
+                    raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r} of {name}, epoch {epoch + 1}; lower --lr or the knob")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-            rec = {
-                "stage": stage.name,
-                "epoch": epoch + 1,
-                "loss": total / seen,
-                "train_acc": correct / seen,
-                "val_acc": accuracy(defense, model, task.val, use_labels=stage.use_labels),
-                "seconds": round(time.time() - t0, 2),
-            }
+            rec = {"stage": stage.name, "epoch": epoch + 1, "loss": total / seen, "train_acc": correct / seen}
+            if not engine:
+                rec["val_acc"] = accuracy(defense, model, data.val, use_labels=stage.use_labels)
+            rec["seconds"] = round(time.time() - t0, 2)
             history.append(rec)
             log(
-                f"[{defense.name}] stage {stage.name} ({si + 1}/{len(stages)}) epoch {epoch + 1}/{n_epochs}: "
-                f"loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}  val acc {rec['val_acc']:.4f}  ({rec['seconds']}s)"
+                f"[{name}] stage {stage.name} ({si + 1}/{len(stages)}) epoch {epoch + 1}/{n_epochs}: loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}"
+                + (f"  val acc {rec['val_acc']:.4f}" if "val_acc" in rec else "") + f"  ({rec['seconds']}s)"
             )
             if on_epoch_end is not None:
                 on_epoch_end(si, epoch + 1, opt, rec)
-    defense.eval()
+    if defense is not None:
+        defense.eval()
     model.eval()
     return history
