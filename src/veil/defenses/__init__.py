@@ -29,6 +29,7 @@ _REGISTRY: dict[str, str] = {
     "scnl-twostage": "veil.defenses.scnl:SCNLTwoStage",
     "scnl-private": "veil.defenses.scnl:SCNLPrivate",
     "scnl-region": "veil.defenses.region:SCNLRegion",
+    "scnl-detect": "veil.detection.defense:SCNLDetect",
 }
 
 

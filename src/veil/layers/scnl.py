@@ -91,7 +91,10 @@ class SCNLBase(nn.Module):
             return self._raw_hard(x, labels.long())
         if labels is not None:  # region mask: per-pixel hard selection, pixels pass through their class's kernels
             mask = check_mask(labels, self.num_classes, x.shape[0], self._spatial(x))
-            return self._raw_input(x, self._mask_to_pi(mask))
+            if type(self)._raw_slots is SCNLBase._raw_slots:
+                return self._raw_input(x, self._mask_to_pi(mask))
+            slots, pi = mask_slots(mask)
+            return self._raw_slots(x, slots, pi)
         if pi is None:
             if self.selector is None:
                 raise ValueError("no labels, no pi and no selector: give labels (training) or attach a selector (inference)")
@@ -130,8 +133,27 @@ class SCNLBase(nn.Module):
     def _raw_hard(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _raw_slots(self, x: torch.Tensor, slots: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:  # pragma: no cover - optional
+        """Per-pixel hard selection from the K classes present in each record (:func:`mask_slots`), so
+        its cost grows with the objects in a record, not with C. Layers without it use the all-C formula."""
+        raise NotImplementedError
+
     def _raw_all(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes present in each record of a region mask (B, C, *S) and their masks.
+
+    Returns slots (B, K) int64, K = the most classes present in one record (at least 1; records with
+    fewer are padded with absent classes, whose mask is 0 and so contributes nothing), and their masks
+    (B, K, *S). Per-pixel hard selection then costs K kernel sets per record, flat in C.
+    """
+    present = mask.flatten(2).amax(2) > 0  # (B, C)
+    k = max(1, int(present.sum(1).max())) if mask.shape[0] else 1
+    slots = torch.sort(present.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    pi = mask.gather(1, slots.reshape(*slots.shape, *([1] * (mask.dim() - 2))).expand(-1, -1, *mask.shape[2:]))
+    return slots, pi
 
 
 #: Keyword arguments a layer passes on to its distribution (:func:`veil.layers.distributions.create_distribution`).
@@ -334,6 +356,18 @@ class SCNLConv2d(SCNLBase):
             out = out + self.bias[None, :, :, None, None]
         return torch.stack([self._split(out[:, k]) for k in range(c)], 1)  # (B, C, P, Co, H', W')
 
+    def _raw_slots(self, x, slots, pi):
+        self._check(x)
+        b, ci, h, w = x.shape
+        k = slots.shape[1]
+        xin = (x.unsqueeze(1) * pi.unsqueeze(2)).reshape(1, b * k * ci, h, w)  # pi_k ⊙ x for each present class
+        out = self._conv(xin, self.weight[slots].flatten(0, 2), b * k * self.groups)  # only the present kernels
+        out = out.view(b, k, -1, *out.shape[2:]).sum(1)
+        if self.bias is not None:
+            pibar = self._pi_at_output(pi.unsqueeze(2), x)  # (B, K, 1, H', W')
+            out = out + (pibar * self.bias[slots][:, :, :, None, None]).sum(1)
+        return self._split(out)
+
     def _raw_input(self, x, pi):
         self._check(x)
         b, ci, h, w = x.shape
@@ -462,6 +496,14 @@ class SCNLAdditive(SCNLBase):
         if self.scale is None:
             return loc.unsqueeze(1)
         return torch.cat([loc.unsqueeze(1), self.scale[labels]], 1)  # (B, P, *shape)
+
+    def _raw_slots(self, x, slots, pi):
+        self._check(x)
+        pi = pi.unsqueeze(2) if len(self.shape) == 3 else pi  # (B, K, 1|F, *S)
+        loc = (pi * (self.gain[slots] * x.unsqueeze(1) + self.offset[slots])).sum(1)  # (B, *shape)
+        if self.scale is None:
+            return loc.unsqueeze(1)
+        return torch.cat([loc.unsqueeze(1), (pi.unsqueeze(2) * self.scale[slots]).sum(1)], 1)
 
     def _raw_all(self, x):
         self._check(x)

@@ -1,0 +1,196 @@
+"""SCNL for detection: per-object region hard selection in training, a per-pixel selector at inference
+(seed 000 §2.2 / seed 001 §2.2, the person/car example).
+
+Regions are the background (0) and one per primary class (c + 1). One conditional layer, an
+``SCNLConv2d`` (1x1 by default, identity-initialised: each region starts as ``x + init_scale * eps``)
+with a kernel set per region, produces the message::
+
+    h(p) = sample of  sum_r pi_r(p) * (k_r * x)(p)  (mean bounded, scale softplus; Eq. 5-7)
+
+``pi`` is
+
+* the data owner's per-object hard selection, where the boxes are known (the training exposure):
+  ``pi_{c+1} = 1`` on the box of every object of class c, ``pi_0 = 1`` elsewhere (``mask``: a (B, 1, H, W)
+  map of region indices, :func:`veil.detection.scenes.region_map`); in training mode a random
+  ``hard_fraction`` of each batch, the rest through the selector, so that the server never relies on
+  perfect regions (docs/design.md, "Hard selection carries the label");
+* otherwise pi(x), a per-pixel softmax over the regions from a small client CNN (the selector, at a
+  quarter of the resolution, upsampled) trained on the regions (per-pixel cross-entropy); with
+  ``sharpen`` each pixel takes its argmax region at inference, so the selector's confidence is not sent.
+
+Per-pixel hard selection computes only the kernel sets of the regions present in a record
+(:func:`veil.layers.scnl.mask_slots`): its cost is flat in the number of classes.
+
+Knob ``lambda_`` (larger = more private): ``lambda_ · mean KL(q(h|x) || N(0, 1))`` over the message, as in
+classification. Given record labels ``y`` without a mask (a classification batch), the whole record is the
+region of its class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from veil.defenses.base import Defense, Stage
+from veil.layers.scnl import SCNLConv2d, scale_learning_rate
+
+
+class RegionSelector(nn.Module):
+    """Per-pixel region selector: (B, C, H, W) -> logits (B, R, H, W).
+
+    Two stride-2 convolutions and a dilated one (about 30 pixels of context at a quarter of the
+    resolution; an object's extent is recognised from its surroundings), logits upsampled bilinearly.
+    """
+
+    def __init__(self, in_channels: int, regions: int, width: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(width, regions, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class SCNLDetect(Defense):
+    """SCNL over per-object regions: boxes in training, a per-pixel selector at inference (detection).
+
+    Args:
+        lambda_: Weight of the VIB charge; larger = more private. >= 0.
+        selector_width: Channels of the region selector (its client cost).
+        hard_fraction: In training mode with regions, the share of each batch selected by them.
+        selector_weight: Weight of the selector's per-pixel cross-entropy against the regions.
+        object_weight: Weight of object pixels against background pixels in that cross-entropy.
+        kernel_size: Odd side of the layer's kernels (1: per-pixel gain, offset and scale per region).
+        out_channels: Channels of the message (0: as many as the input).
+        init_scale: Initial noise scale. bound, min_scale: the distribution's mean bound and least scale.
+        lr_scale: The client layers learn this many times faster than the server model.
+        sharpen: At inference without regions, each pixel takes its argmax region.
+    """
+
+    name: ClassVar[str] = "scnl-detect"
+    knob: ClassVar[str] = "lambda_"
+    knob_direction: ClassVar[int] = 1
+    budget_option: ClassVar[str] = "selector_width"
+    uses_mask: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        *,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        lambda_: float = 1.0,
+        selector_width: int = 4,
+        hard_fraction: float = 0.5,
+        selector_weight: float = 1.0,
+        object_weight: float = 2.0,
+        kernel_size: int = 1,
+        out_channels: int = 0,
+        init_scale: float = 0.5,
+        bound: float = 3.0,
+        min_scale: float = 0.01,
+        lr_scale: float = 5.0,
+        sharpen: bool = True,
+    ) -> None:
+        super().__init__(input_shape=input_shape, num_classes=num_classes)
+        if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
+            raise ValueError(f"lambda_ must be a finite number >= 0, got {lambda_!r}")
+        if not (isinstance(selector_width, int) and 1 <= selector_width <= 256):
+            raise ValueError(f"selector_width must be an integer in [1, 256], got {selector_width!r}")
+        if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1 and kernel_size <= 15):
+            raise ValueError(f"kernel_size must be an odd integer in [1, 15], got {kernel_size!r}")
+        if not (isinstance(out_channels, int) and 0 <= out_channels <= 64):
+            raise ValueError(f"out_channels must be an integer in [0, 64], got {out_channels!r}")
+        for key, value in (("hard_fraction", hard_fraction),):
+            if not 0 <= float(value) <= 1:
+                raise ValueError(f"{key} must lie in [0, 1], got {value!r}")
+        for key, value in (("selector_weight", selector_weight), ("object_weight", object_weight), ("lr_scale", lr_scale)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0 or (key == "selector_weight" and value == 0)):
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+        if not isinstance(sharpen, bool):
+            raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
+        self.options = dict(
+            lambda_=float(lambda_), selector_width=int(selector_width), hard_fraction=float(hard_fraction),
+            selector_weight=float(selector_weight), object_weight=float(object_weight), kernel_size=int(kernel_size),
+            out_channels=int(out_channels), init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
+            lr_scale=float(lr_scale), sharpen=sharpen,
+        )
+        self.lambda_ = float(lambda_)
+        self.regions = self.num_classes + 1  # background + one per primary class
+        cin = self.input_shape[0]
+        self.out_channels = int(out_channels) or cin
+        layer = SCNLConv2d(
+            cin, self.out_channels, int(kernel_size), self.regions, init="identity" if self.out_channels == cin else "default",
+            init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
+        )
+        layer.selector = RegionSelector(cin, self.regions, int(selector_width))
+        self.layer = scale_learning_rate(layer, float(lr_scale))
+        self._last_penalty: torch.Tensor | None = None
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def stages(self) -> list[Stage]:
+        """One joint stage in which the data owner's knowledge (the boxes) reaches ``encode``."""
+        return [Stage("joint", use_labels=True)]
+
+    def output_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, *self.input_shape[1:])
+
+    def check_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
+        """Validate a (B, 1, H, W) map of region indices in [0, num_classes]; return it as int64."""
+        want = (batch, 1, *self.input_shape[1:])
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+            raise ValueError(f"mask must be a tensor of shape {want} (region index per pixel: 0 background, c + 1 on objects of class c), got {tuple(getattr(mask, 'shape', ()))}")
+        m = mask.long()
+        if not torch.equal(m.to(mask.dtype), mask) or (m.numel() and (int(m.min()) < 0 or int(m.max()) > self.num_classes)):
+            raise ValueError(f"mask values must be integers in [0, {self.num_classes}] (0 background, c + 1 on objects of class c)")
+        return m
+
+    def regions_of(self, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The known region map (B, H, W), from ``mask`` or, for a classification batch, from ``y``."""
+        if mask is not None:
+            return self.check_mask(mask, x.shape[0])[:, 0]
+        if y is not None:
+            return (y.long() + 1).view(-1, 1, 1).expand(-1, *x.shape[2:])
+        return None
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Client side. x (B, C, H, W) [+ mask (B, 1, H, W) region indices] -> h (B, C', H, W), a fresh sample."""
+        self.check_input(x, y)
+        b = x.shape[0]
+        regions = self.regions_of(x, y, mask)
+        logits = self.layer.selector(x)  # (B, R, H, W)
+        sharpen = self.options["sharpen"] and not self.training
+        if regions is not None:
+            onehot = F.one_hot(regions, self.regions).permute(0, 3, 1, 2).to(x.dtype)  # (B, R, H, W)
+            raw = self.layer.raw(x, onehot)  # per-pixel hard selection, flat in C
+            if self.training and self.options["hard_fraction"] < 1:
+                hard = (torch.rand(b, device=x.device) < self.options["hard_fraction"]).view(b, 1, 1, 1, 1)
+                raw = torch.where(hard, raw, self.layer.raw(x, pi=torch.softmax(logits, 1).unsqueeze(2)))
+        elif sharpen:
+            raw = self.layer.raw(x, F.one_hot(logits.argmax(1), self.regions).permute(0, 3, 1, 2).to(x.dtype))
+        else:
+            raw = self.layer.raw(x, pi=torch.softmax(logits, 1).unsqueeze(2))
+        params = self.layer.distribution.constrain(raw)
+        h = self.layer.distribution.rsample(params)
+        penalty = self.lambda_ * self.layer.kl(params).mean()
+        if regions is not None and self.training and self.options["selector_weight"] > 0:
+            weight = torch.full((self.regions,), self.options["object_weight"], device=x.device)
+            weight[0] = 1.0
+            penalty = penalty + self.options["selector_weight"] * F.cross_entropy(logits, regions, weight=weight)
+        self._last_penalty = penalty
+        return h
+
+    def penalty(self) -> torch.Tensor:
+        """``lambda_ * mean KL`` of the last encode (+ the selector's cross-entropy where regions were given)."""
+        if self._last_penalty is None:
+            return torch.zeros((), device=self._device())
+        return self._last_penalty

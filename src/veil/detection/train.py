@@ -1,0 +1,342 @@
+"""Training a detection defense with the server detector, and the on-device baseline (``local``).
+
+``train_detection(config, out)`` writes a run folder like ``veil train`` does: ``config.json`` (with
+``"kind": "detection"``), ``metrics.json`` (mAP at the inference exposure, and at the training exposure
+where the defense takes regions), ``obfuscator.safetensors`` (the client) and ``model.safetensors`` (the
+server detector; for ``local`` the client's own detector). Every file is written atomically.
+
+The detection defense trains with the boxes the data owner holds (per-object region hard selection for
+defenses with ``uses_mask``), the server detector on the messages; the loss is CenterNet's plus the
+defense's ``penalty()``. ``local`` trains a tiny detector on the clean scenes and sends its detections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from veil.detection.detector import create_detector, decode, detection_loss, encode_targets
+from veil.detection.metrics import mean_average_precision
+from veil.detection.scenes import Scenes, region_map
+from veil.detection.tasks import DetectionTask, is_detection_task, load_detection_task
+from veil.io import load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
+from veil.noise import seed_everything
+
+LOCAL = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectionConfig:
+    """One detection run (saved as ``config.json``).
+
+    Attributes:
+        task: ``mnist-scenes``, ``digits-scenes`` or ``coco:IMAGES_DIR,ANNOTATIONS.json``.
+        defense: A registered defense (``scnl-detect`` is the detection one; ``none`` the reference) or
+            ``local`` (the on-device detector; nothing but its detections leaves the client).
+        knob: Value of the defense's knob (its default if ``None``).
+        defense_options: Other defense options.
+        model: Server detector (``detector``).
+        width: Channels of the detector's first block.
+        epochs, batch_size, lr, seed: Training settings (Adam, cosine decay to 0).
+        train_size: Training scenes used (``None``: all).
+        client_budget: Client FLOPs allowed as a fraction of the server detector's; sizes the defense's
+            client network (``local``: the on-device detector's width).
+        scale: Shrinks every split of a generated task (tests).
+    """
+
+    task: str = "mnist-scenes"
+    defense: str = "scnl-detect"
+    knob: float | None = None
+    defense_options: dict = dataclasses.field(default_factory=dict)
+    model: str = "detector"
+    width: int = 16
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+    train_size: int | None = None
+    client_budget: float | None = None
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not is_detection_task(self.task):
+            raise ValueError(f"{self.task!r} is not a detection task (mnist-scenes, digits-scenes, coco:IMAGES_DIR,ANNOTATIONS.json)")
+        if self.model != "detector":
+            raise ValueError(f"unknown detection model {self.model!r}; valid: detector")
+        for key in ("width", "epochs", "batch_size"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.knob is not None and not math.isfinite(self.knob):
+            raise ValueError(f"knob must be a finite number, got {self.knob!r}")
+        if self.client_budget is not None and not (0 < self.client_budget <= 1):
+            raise ValueError(f"client budget must be a fraction in (0, 1], got {self.client_budget!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "detection", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DetectionConfig":
+        return cls(**{k: v for k, v in d.items() if k != "kind"})
+
+
+def is_detection_run(run: str | Path) -> bool:
+    """Whether ``run`` is a detection run folder (its config says ``"kind": "detection"``)."""
+    path = Path(run) / "config.json"
+    try:
+        return path.is_file() and read_json(path).get("kind") == "detection"
+    except (ValueError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------- building
+def flops_share(client: Callable[[torch.Tensor], Any], server_flops: int, input_shape: tuple[int, ...]) -> float:
+    from veil.models import count_flops
+
+    return count_flops(client, input_shape) / max(1, server_flops)
+
+
+def server_flops(config: DetectionConfig, message_shape: tuple[int, ...], num_classes: int) -> int:
+    from veil.models import count_flops
+
+    model = create_detector(config.model, message_shape, num_classes, config.width).eval()
+    return count_flops(lambda m: model(m)["heat"], message_shape)
+
+
+def build(config: DetectionConfig, task: DetectionTask) -> tuple[nn.Module | None, nn.Module, dict[str, Any]]:
+    """(defense or None for ``local``, the detector that is trained, the client cost record)."""
+    from veil.defenses import create_defense, defense_class
+
+    shape, k = task.input_shape, task.num_classes
+    if config.defense == LOCAL:
+        width = 8
+        full = server_flops(config, shape, k)
+        if config.client_budget is not None:
+            share_at = lambda w: flops_share(lambda x: create_detector("tiny", shape, k, w).eval()(x)["heat"], full, shape)  # noqa: E731
+            if share_at(1) > config.client_budget:
+                raise ValueError(f"the on-device detector cannot fit a client budget of {config.client_budget:.2%}: width 1 takes {share_at(1):.2%}")
+            width = 1
+            while width < 256 and share_at(width + 1) <= config.client_budget:
+                width += 1
+        model = create_detector("tiny", shape, k, width)
+        share = flops_share(lambda x: create_detector("tiny", shape, k, width).eval()(x)["heat"], full, shape)
+        return None, model, {"client_flops_share": share, "client_width": width, "server_flops": full}
+    options = dict(config.defense_options)
+    cls = defense_class(config.defense)
+    if config.knob is not None:
+        if not cls.knob:
+            raise ValueError(f"defense {config.defense!r} has no knob")
+        options[cls.knob] = config.knob
+    if config.client_budget is not None and cls.budget_option:
+        options = _fit_budget(config, task, options)
+    defense = create_defense(config.defense, input_shape=shape, num_classes=k, **options)
+    model = create_detector(config.model, defense.output_shape(), k, config.width)
+    full = server_flops(config, defense.output_shape(), k)
+    defense.eval()
+    share = flops_share(lambda x: defense.encode(x), full, shape)
+    defense.train()
+    return defense, model, {"client_flops_share": share, "server_flops": full, "defense_options": defense.config()}
+
+
+def _fit_budget(config: DetectionConfig, task: DetectionTask, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the defense's size option at the largest value within the client budget."""
+    from veil.defenses import create_defense, defense_class
+
+    key = defense_class(config.defense).budget_option
+    shape, k = task.input_shape, task.num_classes
+
+    def share_at(size: int) -> float:
+        d = create_defense(config.defense, input_shape=shape, num_classes=k, **{**options, key: size}).eval()
+        return flops_share(lambda x: d.encode(x), server_flops(config, d.output_shape(), k), shape)
+
+    if share_at(1) > config.client_budget:
+        raise ValueError(f"defense {config.defense!r} cannot fit a client budget of {config.client_budget:.2%}: {key}=1 takes {share_at(1):.2%}")
+    size = 1
+    while size < 256 and share_at(size + 1) <= config.client_budget:
+        size += 1
+    return {**options, key: size}
+
+
+# ----------------------------------------------------------------------------------------- messages
+def messages(defense: nn.Module | None, scenes: Scenes, *, exposure: str = "inference", batch_size: int = 256) -> torch.Tensor:
+    """What leaves the client for every scene (eval mode): ``encode(x)`` at inference, ``encode(x, mask=
+    regions)`` at the training exposure (region hard selection). ``None`` (no defense): the scenes."""
+    if defense is None:
+        return scenes.images
+    was = defense.training
+    defense.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), batch_size):
+            x = scenes.images[i : i + batch_size]
+            if exposure == "training" and getattr(defense, "uses_mask", False):
+                out.append(defense.encode_batch(x, None, region_map(scenes, i, i + len(x))))
+            else:
+                out.append(defense.encode(x))
+    defense.train(was)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict(defense: nn.Module | None, model: nn.Module, scenes: Scenes, *, exposure: str = "inference", batch_size: int = 256) -> list[dict[str, torch.Tensor]]:
+    """Detections for every scene through the defense and the server detector (or the local one)."""
+    model.eval()
+    m = messages(defense, scenes, exposure=exposure)
+    preds = []
+    for i in range(0, len(m), batch_size):
+        h = m[i : i + batch_size] if defense is None else defense.decode(m[i : i + batch_size])
+        preds += decode(model(h))
+    return preds
+
+
+def evaluate_map(defense: nn.Module | None, model: nn.Module, scenes: Scenes, *, exposure: str = "inference") -> dict[str, float]:
+    return mean_average_precision(predict(defense, model, scenes, exposure=exposure), scenes.targets(0, len(scenes)), scenes.num_classes)
+
+
+# ----------------------------------------------------------------------------------------- training
+def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config: DetectionConfig, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Train defense and detector together (Adam, cosine to 0); the defense's stages share the epochs."""
+    from veil.training.loop import stage_epochs
+
+    train = task.train
+    regions = region_map(train, 0, len(train)).to(torch.uint8)
+    targets = train.targets(0, len(train))
+    stages = defense.stages() if defense is not None else [None]
+    counts = stage_epochs(stages, config.epochs) if defense is not None else [config.epochs]
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, Any]] = []
+    out_hw = tuple(model(torch.zeros(2, *(defense.output_shape() if defense is not None else task.input_shape)))["heat"].shape[-2:])
+    for stage, epochs in zip(stages, counts):
+        if epochs == 0:
+            continue
+        params = list(model.parameters())
+        if defense is not None:
+            defense.set_stage(stage.name)
+            params += [p for p in defense.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=config.lr)
+        steps = epochs * math.ceil(len(train) / config.batch_size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        for epoch in range(epochs):
+            t0, total, n = time.time(), 0.0, 0
+            model.train()
+            if defense is not None:
+                defense.train()
+            perm = torch.randperm(len(train), generator=gen)
+            for i in range(0, len(perm), config.batch_size):
+                idx = perm[i : i + config.batch_size]
+                if len(idx) < 2:
+                    continue
+                x = train.images[idx]
+                if defense is None:
+                    h = x
+                else:
+                    mask = regions[idx].long() if (defense.uses_mask and stage.use_labels) else None
+                    h = defense.decode(defense.encode_batch(x, None, mask))
+                out = model(h)
+                tg = encode_targets([targets[j]["boxes"] for j in idx.tolist()], [targets[j]["labels"] for j in idx.tolist()], task.num_classes, out_hw)
+                loss = detection_loss(out, tg)
+                if defense is not None:
+                    loss = loss + defense.penalty()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"training diverged (loss {float(loss)}); lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total, n = total + float(loss.detach()) * len(idx), n + len(idx)
+            rec = {"stage": None if stage is None else stage.name, "epoch": len(history) + 1, "loss": total / max(1, n), "seconds": round(time.time() - t0, 1)}
+            history.append(rec)
+            log(f"[{config.defense}] epoch {rec['epoch']}/{config.epochs} loss {rec['loss']:.4f} ({rec['seconds']}s)")
+    return history
+
+
+def train_detection(config: DetectionConfig, out: str | Path, *, task: DetectionTask | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train and write the run folder; a finished run with the same config is not retrained."""
+    from veil.training.run import check_output_folder
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out = Path(out)
+    check_output_folder(out)
+    if (out / "metrics.json").is_file() and (out / "config.json").is_file():
+        saved = read_json(out / "config.json")
+        if saved != json.loads(json.dumps(config.to_dict())):
+            raise ValueError(f"{out} holds a finished run with another config; choose another --out")
+        return read_json(out / "metrics.json")
+    task = task or load_detection_task(config.task, seed=config.seed, train_size=config.train_size, scale=config.scale)
+    seed_everything(config.seed)
+    defense, model, cost = build(config, task)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", config.to_dict())
+    t0 = time.time()
+    history = fit(defense, model, task, config, log)
+    seed_everything(config.seed + 1)
+    metrics: dict[str, Any] = {"task": task.name, "defense": config.defense, "knob": None if defense is None else defense.knob_value(),
+                               "inference": evaluate_map(defense, model, task.test)}
+    if defense is not None and defense.uses_mask:
+        metrics["training_exposure"] = evaluate_map(defense, model, task.test, exposure="training")
+    metrics.update(cost)
+    metrics.update({"train_scenes": len(task.train), "test_scenes": len(task.test), "seconds": round(time.time() - t0, 1), "history": history})
+    meta = {"veil_detector": json.dumps({"model": "tiny" if defense is None else config.model, "width": cost.get("client_width", config.width)})}
+    save_weights(out / "model.safetensors", model.state_dict(), metadata=meta)
+    if defense is not None:
+        save_obfuscator(out / "obfuscator.safetensors", defense)
+    write_json(out / "metrics.json", metrics)
+    log(f"[{config.defense}] test mAP@0.5 {metrics['inference']['map_50']:.4f}, mAP@[.5:.95] {metrics['inference']['map']:.4f} (inference exposure)")
+    return metrics
+
+
+def load_detection_run(run: str | Path, *, task: DetectionTask | None = None) -> tuple[DetectionConfig, DetectionTask, nn.Module | None, nn.Module]:
+    """(config, task, defense or None for ``local``, detector) of a finished run folder."""
+    run = Path(run)
+    if not (run / "metrics.json").is_file():
+        raise FileNotFoundError(f"{run}: not a finished detection run (no metrics.json); train it first")
+    config = DetectionConfig.from_dict(read_json(run / "config.json"))
+    task = task or load_detection_task(config.task, seed=config.seed, train_size=config.train_size, scale=config.scale)
+    defense = None if config.defense == LOCAL else load_obfuscator(run / "obfuscator.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("veil_detector", "{}"))
+    shape = task.input_shape if defense is None else defense.output_shape()
+    model = create_detector(meta.get("model", config.model), shape, task.num_classes, int(meta.get("width", config.width)))
+    model.load_state_dict(load_weights(run / "model.safetensors"))
+    model.eval()
+    return config, task, defense, model
+
+
+def export_detection(run: str | Path, out: str | Path, *, split: str = "test", mode: str = "inference", force: bool = False) -> dict[str, Any]:
+    """Write the messages of ``split`` (exactly what leaves the client, fresh OS-entropy noise) to ``out``
+    (.npz: x, shape, metadata; with ``--mode training`` also the boxes and primary classes, which the
+    engine needs to train). For ``local``: the detections."""
+    from veil.io import save_npz
+    from veil.noise import OS_ENTROPY, private_noise
+    from veil.training.run import check_export_target
+
+    if mode not in ("inference", "training"):
+        raise ValueError(f"unknown mode {mode!r}; valid: inference, training")
+    check_export_target(Path(out), Path(run), force=force)
+    config, task, defense, model = load_detection_run(run)
+    scenes = task.split(split)
+    meta = {"mode": mode, "split": split, "records": len(scenes), "noise": OS_ENTROPY, "task": config.task}
+    if defense is None:
+        preds = predict(None, model, scenes)
+        rows = [[i, *p["boxes"][j].tolist(), float(p["scores"][j]), int(p["labels"][j])] for i, p in enumerate(preds) for j in range(len(p["scores"]))]
+        save_npz(out, detections=np.asarray(rows, np.float32).reshape(-1, 7), metadata=np.asarray(json.dumps({**meta, "columns": "scene,x0,y0,x1,y1,score,label"})))
+        return meta
+    with private_noise():
+        m = messages(defense, scenes, exposure=mode)
+    arrays = {"x": m.numpy().astype(np.float32), "shape": np.asarray(m.shape[1:]), "metadata": np.asarray(json.dumps({**meta, "message_shape": list(m.shape[1:])}))}
+    if mode == "training":
+        arrays.update(boxes=scenes.boxes.numpy(), labels=scenes.labels.numpy(), scene=scenes.scene.numpy())
+    save_npz(out, **arrays)
+    return {**meta, "message_shape": list(m.shape[1:])}
