@@ -51,3 +51,29 @@ def test_impossible_settings_fail_clearly(tmp_path, args, message):
     res = runner.invoke(app, args + ["--out", str(tmp_path / "x")])
     assert res.exit_code == 2
     assert message in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("command, cls", [("federated", "veil.federated.task.FederatedConfig"), ("incremental", "veil.training.incremental.IncrementalConfig"),
+                                          ("train", "veil.training.loop.TrainConfig")])
+def test_option_defaults_are_the_config_defaults(command, cls):
+    """Defaults are written once, in the config dataclass: every option named after a field (or the knob's
+    --lambda, the noise seed's --reproducible-noise) shows that field's default."""
+    import dataclasses
+    import importlib
+
+    import typer
+
+    module, name = cls.rsplit(".", 1)
+    config = getattr(importlib.import_module(module), name)
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    aliases = {"lam": "knob", "reproducible_noise": "noise_seed"}
+    checked = 0
+    for param in typer.main.get_command(app).commands[command].params:
+        field = aliases.get(param.name, param.name)
+        if field not in fields or field in ("defense", "obfuscator", "defense_options"):
+            continue  # defense: resolved by the config's own default factory; obfuscator: a path
+        f = fields[field]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert param.default == default, (command, field, param.default, default)
+        checked += 1
+    assert checked >= 10

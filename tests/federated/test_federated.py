@@ -230,3 +230,46 @@ def test_more_clients_than_records_is_refused(tmp_path):
         run_federated(_config(clients=5000), tmp_path / "r", **QUIET)
     with pytest.raises(ValueError, match="backend must be one of"):
         run_federated(_config(), tmp_path / "r", backend="mpi", **QUIET)
+
+
+def test_the_global_obfuscator_is_the_average_of_what_the_clients_sent(tmp_path, monkeypatch):
+    """Federated obfuscator training: every client sends its obfuscator beside its model, and the saved
+    global obfuscator is their FedAvg (the mean weighted by the clients' record counts), computed here
+    from the replies the clients built."""
+    from veil.io import load_obfuscator
+
+    sent: list[tuple[dict, int]] = []
+    original = client_app.pack
+
+    def spy(model, defense):
+        state = original(model, defense)
+        if defense is not None:
+            sent.append(({k: v.detach().clone() for k, v in state.items() if k.startswith("obfuscator.")}, 0))
+        return state
+
+    monkeypatch.setattr(client_app, "pack", spy)
+    config = _config(rounds=1, defense="scnl-private", obfuscator_epochs=1, local_epochs=1, clients=2, train_size=200, eval_size=100)
+    run_federated(config, tmp_path / "fed", **QUIET)
+    sizes = [len(client_data(config, k)[0]) for k in range(config.clients)]
+    assert len(sent) == config.clients and len(set(sizes)) == 1  # IID: equal weights
+    glob = load_obfuscator(tmp_path / "fed" / "obfuscator.safetensors").state_dict()
+    float_keys = [k for k, v in sent[0][0].items() if v.is_floating_point()]
+    assert float_keys and any(not torch.equal(sent[0][0][k], sent[1][0][k]) for k in float_keys)  # the clients differ
+    for k in float_keys:
+        mean = torch.stack([s[k] for s, _ in sent]).mean(0)
+        assert torch.allclose(glob[k[len("obfuscator."):]], mean, atol=1e-6), k
+
+
+def test_every_round_attacks_what_the_engines_received(tmp_path):
+    config = _config(rounds=2, clients=2, defense="scnl-private", obfuscator_epochs=1, local_epochs=1, attack_epochs=1, attack_size=100, attack_clients=2, train_size=200, eval_size=100)
+    result = run_federated(config, tmp_path / "fed", **QUIET)
+    assert "attack" not in result["rounds"][0]  # round 0: the engines have received nothing yet
+    for r in result["rounds"][1:]:
+        a = r["attack"]
+        assert len(a["clients"]) == 2 and a["attack_acc"] == max(c["attack_acc"] for c in a["clients"])
+        assert 0.15 < a["primary_only_floor"] < 0.3
+        for c in a["clients"]:
+            assert set(c["attackers"]) == {"linear", "mlp", "cnn", "cnn-bn", "server"}
+            assert c["records"]["disjoint_from_clients"] and c["records"]["train"] == 100
+    last = result["rounds"][-1]["attack"]["clients"][0]["averaging"]
+    assert last["k"] == 2  # the engine holds one draw per round of every record

@@ -87,3 +87,75 @@ def test_recipe_validates_its_fields():
         Recipe(optimizer="sgd", momentum=1.5)
     with pytest.raises(ValueError, match="schedule"):
         Recipe(schedule="step")
+
+
+# ------------------------------------------------------------------ training on records already encoded
+def _records(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def _small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+
+
+def test_messages_train_the_model_alone_and_pass_through_decode():
+    from veil.defenses import create_defense
+    from veil.training.loop import Messages
+
+    x, y = _records()
+    defense = create_defense("gaussian", input_shape=(1, 8, 8), num_classes=2)
+    decoded: list[torch.Tensor] = []
+    defense.decode = lambda m: decoded.append(m) or m  # the server's step is applied to every batch
+    before = {k: v.clone() for k, v in defense.state_dict().items()}
+    model = _small_model()
+    w0 = model[1].weight.detach().clone()
+    history = fit(defense, model, Messages(x, y), TrainConfig(epochs=2, batch_size=16), log=lambda s: None)
+    assert [r["stage"] for r in history] == ["engine", "engine"] and "val_acc" not in history[0]
+    assert sum(len(m) for m in decoded) == 2 * len(x)
+    assert not torch.equal(model[1].weight, w0)
+    assert all(torch.equal(v, before[k]) for k, v in defense.state_dict().items())
+
+
+def test_proximal_term_holds_the_model_near_its_start():
+    """FedProx's mu/2 ||w - w0||^2: a large mu keeps the weights much closer to where they started."""
+    from veil.training.loop import Messages
+
+    x, y = _records(256)
+    drift = {}
+    for mu in (0.0, 100.0):
+        model = _small_model()
+        w0 = [p.detach().clone() for p in model.parameters()]
+        fit(None, model, Messages(x, y), TrainConfig(epochs=3, batch_size=32, lr=1e-2), proximal_mu=mu, log=lambda s: None)
+        drift[mu] = sum(float(((p - a) ** 2).sum()) for p, a in zip(model.parameters(), w0))
+    assert drift[100.0] < drift[0.0] / 10, drift
+
+
+def test_fit_refuses_what_it_cannot_do(digits):
+    from veil.training.loop import Messages
+    from veil.training.screening import Screening
+
+    with pytest.raises(ValueError, match="needs the defense"):
+        fit(None, _small_model(), digits, TrainConfig(epochs=1), log=lambda s: None)
+    _, d, model = build(TrainConfig(task="digits-lt5", defense="gaussian", epochs=1), digits)
+    with pytest.raises(ValueError, match="screening applies"):
+        fit(d, model, digits, TrainConfig(epochs=1), screening=Screening(0.25), log=lambda s: None)
+    with pytest.raises(ValueError, match="same length"):
+        Messages(torch.zeros(3, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="proximal_mu"):
+        fit(None, _small_model(), Messages(*_records()), TrainConfig(epochs=1), proximal_mu=-1.0, log=lambda s: None)
+
+
+def test_training_imports_nothing_above_it():
+    """training/ sits below evaluation/, federated/ and workflows/ (the orchestration that needs both
+    lives above them): none of its modules imports those packages."""
+    import pathlib
+    import re
+
+    import veil.training
+
+    root = pathlib.Path(veil.training.__file__).parent
+    upward = re.compile(r"^\s*(from|import)\s+veil\.(evaluation|federated|workflows|serving)\b", re.M)
+    offenders = {p.name: upward.findall(p.read_text()) for p in root.glob("*.py") if upward.search(p.read_text())}
+    assert offenders == {}

@@ -47,6 +47,7 @@ def federated_cmd(
     attack_epochs: int = config_option(F, "attack_epochs", min=0, help="After every round, attack what the clients' engines received (training exposure, y beside the message) with at most this many epochs per attacker; 0: no attack."),
     attack_clients: int = config_option(F, "attack_clients", min=1, help="Clients whose obfuscator is attacked every round."),
     attack_size: Optional[int] = config_option(F, "attack_size", min=10, help="Held-out records each attacker trains on (default: as many as the clients hold)."),
+    attack_device: str = config_option(F, "attack_device", help="Where the attackers train: cpu, cuda or auto."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
 ) -> None:
     """Federated training on Flower; every client obfuscates its own records before its engine trains."""
@@ -60,7 +61,7 @@ def federated_cmd(
             obfuscator=None if obfuscator is None else str(obfuscator), obfuscator_training=obfuscator_training, trusted_fraction=trusted_fraction,
             obfuscator_epochs=obfuscator_epochs, local_epochs=local_epochs, screen_ratio=screen_ratio, screen_mode=screen_mode, strategy=strategy,
             proximal_mu=proximal_mu, server_lr=server_lr, model=model, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, eval_size=eval_size,
-            attack_epochs=attack_epochs, attack_clients=attack_clients, attack_size=attack_size, **kw,
+            attack_epochs=attack_epochs, attack_clients=attack_clients, attack_size=attack_size, attack_device=attack_device, **kw,
         )
         result = run_federated(config, out, backend=backend)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:

@@ -88,6 +88,7 @@ class FederatedConfig:
         attack_clients: How many clients' obfuscators are attacked per round (the first by node id).
         attack_size: Records each attacker trains on (held-out records no client holds; None: as many
             as the clients hold together).
+        attack_device: Where the attackers train (``cpu``, ``cuda``, ``auto``); the server's side only.
     """
 
     task: str = "digits-lt5"
@@ -117,6 +118,7 @@ class FederatedConfig:
     attack_epochs: int = 0
     attack_clients: int = 1
     attack_size: int | None = None
+    attack_device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.clients < 1:

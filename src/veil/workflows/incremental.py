@@ -3,6 +3,7 @@ the retrained attackers of :mod:`veil.evaluation.attack`."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,24 +15,24 @@ from veil.evaluation.attack import AttackConfig, attack_exposure
 from veil.training.incremental import IncrementalConfig, run_incremental
 
 
-def attack_config(config: IncrementalConfig, handed_over: int) -> AttackConfig:
+def attack_config(config: IncrementalConfig, handed_over: int, *, device: str = "cpu") -> AttackConfig:
     """The attackers of one step: every architecture, four fresh obfuscations of the training records,
     early stopping; no averaging attack, since each record is handed over once."""
     n = handed_over if config.attack_size is None else min(handed_over, config.attack_size)
     return AttackConfig(
         epochs=config.attack_epochs, patience=max(2, min(6, config.attack_epochs // 3)), train_size=n, averaging_k=0,
-        exposures=("training",), seed=config.seed + 4,
+        exposures=("training",), seed=config.seed + 4, device=device,
     )
 
 
-def attack_handover(defense: Defense, handed_over: Split, val: Split, test: Split, task: Task, config: IncrementalConfig) -> dict[str, Any]:
+def attack_handover(defense: Defense, handed_over: Split, val: Split, test: Split, task: Task, config: IncrementalConfig, *, device: str = "cpu") -> dict[str, Any]:
     """Privacy of a step's hand-over at the training exposure (y beside the message, as the engine has it).
 
     The attackers train on SL-p's messages of the handed-over records (``task.held_out`` of a view whose
     ``train`` is empty of them: records SL-p never trained on), early-stop on obfuscated validation records
     and are scored on obfuscated test records.
     """
-    cfg = attack_config(config, len(handed_over))
+    cfg = attack_config(config, len(handed_over), device=device)
     view = Task(task.name, task.train.subset(np.arange(0)), val, test, task.num_primary, task.num_secondary, held_out=handed_over)
     res = attack_exposure(defense, view, "training", cfg, server_model=config.model, log=lambda s: None)
     return {
@@ -44,6 +45,10 @@ def attack_handover(defense: Defense, handed_over: Split, val: Split, test: Spli
     }
 
 
-def run(config: IncrementalConfig, out: str | Path, *, task: Task | None = None, log: Callable[[str], None] | None = None, stop_after: int | None = None) -> dict[str, Any]:
-    """:func:`veil.training.incremental.run_incremental` with :func:`attack_handover` on every step."""
-    return run_incremental(config, out, task=task, attack=attack_handover, log=log, stop_after=stop_after)
+def run(
+    config: IncrementalConfig, out: str | Path, *, task: Task | None = None, attack_device: str = "cpu", log: Callable[[str], None] | None = None, stop_after: int | None = None
+) -> dict[str, Any]:
+    """:func:`veil.training.incremental.run_incremental` with :func:`attack_handover` on every step
+    (its attackers train on ``attack_device``: cpu, cuda or auto)."""
+    attack = functools.partial(attack_handover, device=attack_device)
+    return run_incremental(config, out, task=task, attack=attack, log=log, stop_after=stop_after)
