@@ -1,0 +1,85 @@
+"""Dynamic batching: requests in flight share one forward pass; each gets its own rows; a lone request
+is not held back; errors reach every waiting request."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import torch
+
+from veil.serving.batching import DynamicBatcher
+
+
+def _run(forward, requests, *, busy, max_records=256, max_delay_s=0.5):
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(forward, executor, max_records=max_records, max_delay_s=max_delay_s, busy=busy)
+            batcher.start()
+            try:
+                return await asyncio.gather(*(batcher.submit(m) for m in requests), return_exceptions=True)
+            finally:
+                await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def _row_sums(passes):
+    def forward(batch):
+        passes.append(len(batch))
+        return batch.flatten(1).sum(1)
+
+    return forward
+
+
+def test_requests_in_flight_share_one_pass_and_get_their_own_rows():
+    passes: list[int] = []
+    requests = [torch.randn(i + 1, 1, 2, 2) for i in range(10)]
+    out = _run(_row_sums(passes), requests, busy=lambda: 10)
+    assert passes == [55]
+    for m, got in zip(requests, out):
+        assert torch.allclose(got, m.flatten(1).sum(1))  # the oracle: each request's own rows
+
+
+def test_a_pass_holds_at_most_max_records():
+    passes: list[int] = []
+    out = _run(_row_sums(passes), [torch.ones(1, 1, 2, 2)] * 10, busy=lambda: 10, max_records=4)
+    assert passes == [4, 4, 2] and all(float(o) == 4 for o in out)
+
+
+def test_a_lone_request_is_not_held_back():
+    passes: list[int] = []
+    t0 = time.monotonic()
+    _run(_row_sums(passes), [torch.ones(1, 1, 2, 2)], busy=lambda: 1, max_delay_s=5.0)
+    assert passes == [1] and time.monotonic() - t0 < 2.0
+
+
+def test_an_error_reaches_every_waiting_request():
+    def broken(batch):
+        raise RuntimeError("forward failed")
+
+    out = _run(broken, [torch.ones(1, 1, 2, 2)] * 3, busy=lambda: 3)
+    assert len(out) == 3 and all(isinstance(o, RuntimeError) for o in out)
+
+
+def test_waits_for_requests_still_on_their_way():
+    """busy() says two requests are in flight but only one has reached the queue: the pass waits for
+    the second (up to the delay) instead of running twice."""
+    passes: list[int] = []
+
+    async def main():
+        with concurrent.futures.ThreadPoolExecutor(1) as executor:
+            batcher = DynamicBatcher(_row_sums(passes), executor, max_records=256, max_delay_s=1.0, busy=lambda: 2)
+            batcher.start()
+
+            async def late():
+                await asyncio.sleep(0.05)
+                return await batcher.submit(torch.ones(1, 1, 2, 2))
+
+            out = await asyncio.gather(batcher.submit(torch.ones(1, 1, 2, 2)), late())
+            await batcher.stop()
+            return out
+
+    out = asyncio.run(main())
+    assert passes == [2] and len(out) == 2
