@@ -65,10 +65,14 @@ def train(
 
     try:
         config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule, client_budget=client_budget)
-        metrics = train_run(config, out)
+        from veil.training.distributed import launched, train_run_distributed
+
+        # under torchrun (WORLD_SIZE > 1) every process trains its share; rank 0 writes and prints
+        metrics = train_run_distributed(config, out) if launched() else train_run(config, out)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)
-    _print_metrics(metrics)
+    if metrics is not None:
+        _print_metrics(metrics)
 
 
 def _print_metrics(metrics: dict) -> None:
