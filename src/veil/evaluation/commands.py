@@ -152,6 +152,7 @@ def sweep_cmd(
     mi_samples: int = _MI_SAMPLES,
     eval_seed: int = _EVAL_SEED,
     attack_device: str = _ATTACK_DEVICE,
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="ADDRESS", help="Run each knob value as a Ray task: 'local' starts Ray on this machine's cores; 'auto' or HOST:PORT uses a running Ray cluster (OUT must then be a folder every node sees)."),
 ) -> None:
     """Train and evaluate a defense at each knob value (resumable); then 'veil report OUT'."""
     from veil.evaluation.sweep import parse_knobs, sweep
@@ -163,7 +164,12 @@ def sweep_cmd(
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
         train = {"epochs": epochs, "train_size": train_size, "model": model, "batch_size": batch_size, "lr": lr, "seed": seed,
                  "defense_options": _parse_options(option)}
-        results = sweep(task, defense, parse_knobs(lambdas), out, train=train, evaluation=config)
+        if ray is None:
+            results = sweep(task, defense, parse_knobs(lambdas), out, train=train, evaluation=config)
+        else:
+            from veil.evaluation.ray_sweep import ray_sweep
+
+            results = ray_sweep(task, defense, parse_knobs(lambdas), out, train=train, evaluation=config, address=None if ray == "local" else ray)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)
     Console().print_json(json.dumps([_summary(r) for r in results]))
