@@ -26,7 +26,7 @@ from veil.training import TrainConfig, train_run
 
 pytestmark = pytest.mark.processes
 
-CFG = TrainConfig(task="digits-lt5", defense="none", epochs=4, batch_size=64, seed=3, train_size=600)
+CFG = TrainConfig(task="digits-lt5", defense="none", epochs=6, batch_size=64, seed=3, train_size=600)
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 

@@ -50,6 +50,7 @@ def ray_sweep(
 
     Args:
         address: A running Ray cluster (``auto`` or ``HOST:PORT``); ``None`` starts a local instance.
+            Where this process has already initialised Ray, that instance is used and left running.
         num_cpus: Workers of the local instance (``None``: all cores); not allowed with ``address``.
     """
     import ray
