@@ -110,12 +110,13 @@ def synchronized_steps(modules: list[nn.Module], shares: Shares) -> Iterator[Non
 
     def before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        weight = float(shares.mine)
+        # a step outside the sharded batches (none in veil's loop today) is a plain average over ranks
+        weight, total = (float(shares.mine), float(shares.total)) if shares.total else (1.0, float(dist.get_world_size()))
         flat = torch.cat([(p.grad.detach().reshape(-1) * weight if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)) for p in params])
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=flat.dtype)
         flat = torch.cat([flat, has_grad])
         dist.all_reduce(flat)
-        grads, anyone = flat[: -len(params)] / float(shares.total), flat[-len(params) :]
+        grads, anyone = flat[: -len(params)] / total, flat[-len(params) :]
         offset = 0
         for i, p in enumerate(params):
             if anyone[i] > 0:  # a parameter no rank has a gradient for stays without one, as in one process
