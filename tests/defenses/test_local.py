@@ -20,8 +20,13 @@ def test_message_is_the_template_of_the_decision_and_ignores_the_label():
     x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))
     m = d.encode(x)
     decision = d.logits(x).argmax(1)
-    # class k's template is the record filled with k / (K - 1): written here from that rule, not the code
-    expected = (decision.float() / 2).reshape(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    # class k's template lights the k-th of K equal segments of the flattened record: with 64 entries and
+    # K = 3, entries 0-21, 22-42 and 43-63 (i * 3 // 64), written here from that rule, not the code
+    bounds = [(0, 22), (22, 43), (43, 64)]
+    expected = torch.zeros(32, 64)
+    for i, k in enumerate(decision.tolist()):
+        expected[i, bounds[k][0] : bounds[k][1]] = 1.0
+    expected = expected.reshape(32, 1, 8, 8)
     assert torch.equal(m, expected)
     assert torch.equal(d.encode(x, y), m)  # the label supervises the classifier, it is never sent
     assert torch.equal(d.predict(x), decision)
