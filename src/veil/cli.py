@@ -6,15 +6,35 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
+
+
+class _OneLineErrors(TyperGroup):
+    """Click's usage errors (a bad or missing option, an unknown command) as one line naming the option,
+    exit code 2, like every other error of veil, instead of a usage block and a box."""
+
+    def invoke(self, ctx: click.Context):  # noqa: D102
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as err:
+            if isinstance(err, click.exceptions.NoArgsIsHelpError):
+                raise
+            where = err.ctx.command_path if err.ctx is not None else ctx.command_path
+            from veil.cli_common import fail
+
+            fail(ValueError(f"{where}: {err.format_message()} (see '{where} --help')"))
+
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="veil: obfuscated training and inference, with peer defenses and honest privacy evaluation.",
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 from veil.cli_common import config_option, console, fail as _fail, parse_options as _parse_options  # noqa: E402
 from veil.training.loop import TrainConfig  # noqa: E402  (the options' defaults are its fields')

@@ -14,8 +14,13 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(err: Exception) -> None:
-    """Print one line naming the problem (no traceback) and exit with code 2."""
-    console.print(f"[bold red]error:[/] {err}")
+    """Print one line naming the problem (no traceback) and exit with code 2.
+
+    The message is printed as plain text (a path such as ``data[a].npz`` is not read as markup) and on
+    one line (line breaks in a library's message are joined)."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error:", "bold red"), " ", " ".join(str(err).split())))
     raise typer.Exit(2)
 
 
