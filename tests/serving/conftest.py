@@ -97,9 +97,9 @@ def start_service(tmp_path_factory: pytest.TempPathFactory, token_file: Path):
 @pytest.fixture(scope="session")
 def services(runs, start_service) -> dict[str, Service]:
     """Started together (their start-up, mostly imports, overlaps): ``scnl`` with small limits, so that
-    every refusal is cheap to provoke; ``svd``; ``restart``, a server the restart test kills."""
+    every refusal is cheap to provoke; ``svd`` (the restart test kills it and starts another on its port)."""
     strict = ("--max-body-bytes", "200000", "--max-request-records", "512", "--max-json-records", "16", "--max-concurrency", "2", "--body-timeout", "1")
-    pending = {"scnl": start_service(runs["scnl"], *strict, wait=False), "svd": start_service(runs["svd"], wait=False), "restart": start_service(runs["scnl"], wait=False)}
+    pending = {"scnl": start_service(runs["scnl"], *strict, wait=False), "svd": start_service(runs["svd"], wait=False)}
     return {name: service.wait() for name, service in pending.items()}
 
 

@@ -4,7 +4,6 @@ is not held back; errors reach every waiting request."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 
 import torch
@@ -14,13 +13,15 @@ from veil.serving.batching import DynamicBatcher
 
 def _run(forward, requests, *, busy, max_records=256, max_delay_s=0.5):
     async def main():
-        with concurrent.futures.ThreadPoolExecutor(1) as executor:
-            batcher = DynamicBatcher(forward, executor, max_records=max_records, max_delay_s=max_delay_s, busy=busy)
-            batcher.start()
-            try:
-                return await asyncio.gather(*(batcher.submit(m) for m in requests), return_exceptions=True)
-            finally:
-                await batcher.stop()
+        async def run(batch):
+            return forward(batch)
+
+        batcher = DynamicBatcher(run, max_records=max_records, max_delay_s=max_delay_s, busy=busy)
+        batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(m) for m in requests), return_exceptions=True)
+        finally:
+            await batcher.stop()
 
     return asyncio.run(main())
 
@@ -69,17 +70,21 @@ def test_waits_for_requests_still_on_their_way():
     passes: list[int] = []
 
     async def main():
-        with concurrent.futures.ThreadPoolExecutor(1) as executor:
-            batcher = DynamicBatcher(_row_sums(passes), executor, max_records=256, max_delay_s=1.0, busy=lambda: 2)
-            batcher.start()
+        sums = _row_sums(passes)
 
-            async def late():
-                await asyncio.sleep(0.05)
-                return await batcher.submit(torch.ones(1, 1, 2, 2))
+        async def forward(batch):
+            return sums(batch)
 
-            out = await asyncio.gather(batcher.submit(torch.ones(1, 1, 2, 2)), late())
-            await batcher.stop()
-            return out
+        batcher = DynamicBatcher(forward, max_records=256, max_delay_s=1.0, busy=lambda: 2)
+        batcher.start()
+
+        async def late():
+            await asyncio.sleep(0.05)
+            return await batcher.submit(torch.ones(1, 1, 2, 2))
+
+        out = await asyncio.gather(batcher.submit(torch.ones(1, 1, 2, 2)), late())
+        await batcher.stop()
+        return out
 
     out = asyncio.run(main())
     assert passes == [2] and len(out) == 2

@@ -147,11 +147,11 @@ def test_query_sends_messages_not_records_or_labels(runs, scnl_service, token_fi
 def test_restart_mid_load_every_request_ends_answered(runs, services, start_service):
     """The server is killed (SIGKILL) mid-load and restarted on its port: the client retries with backoff
     and every request ends with its predictions; none is dropped."""
-    _, task, _, _ = load_run(runs["scnl"])
-    service = services["restart"]
+    _, task, _, _ = load_run(runs["svd"])
+    service = services["svd"]  # same port and url after the restart: later tests may still use it
     x = task.test.x[:60]
     outcomes: list[tuple[str, object]] = []
-    client = Client(runs["scnl"], service.url, TOKEN, retries=10, backoff=0.1, timeout=5)
+    client = Client(runs["svd"], service.url, TOKEN, retries=10, backoff=0.1, timeout=5)
 
     def load() -> None:
         for i in range(len(x)):
@@ -168,7 +168,7 @@ def test_restart_mid_load_every_request_ends_answered(runs, services, start_serv
     service.kill()
     at_kill = len(outcomes)
     time.sleep(0.3)
-    start_service(runs["scnl"], port=service.port)
+    start_service(runs["svd"], port=service.port)
     worker.join(90)
     client.close()
     assert not worker.is_alive() and len(outcomes) == len(x)

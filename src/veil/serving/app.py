@@ -51,6 +51,11 @@ class ServeConfig:
         max_concurrency: Most predict requests held at once; more are answered 503 at once.
         body_timeout_s: Longest a client may take to send its body (408 beyond): slow clients.
         compute_timeout_s: Longest a request waits for its forward pass (503 beyond).
+        forward_thread: Run forward passes in a worker thread, so that the event loop keeps answering
+            (health, refusals, reading bodies) during a long pass: for heavy models. Off (the default),
+            passes run on the event loop: the thread hop cost ~2 ms of latency per pass on a loaded 2-core
+            machine, ten times the forward pass of a small model; a pass then delays the loop by its
+            duration, bounded by ``max_pass_records``, and ``compute_timeout_s`` cannot cut one short.
     """
 
     batching: bool = True
@@ -62,6 +67,7 @@ class ServeConfig:
     max_concurrency: int = 64
     body_timeout_s: float = 10.0
     compute_timeout_s: float = 30.0
+    forward_thread: bool = False
 
     def __post_init__(self) -> None:
         for key in ("max_pass_records", "max_request_records", "max_json_records", "max_body_bytes", "max_concurrency"):
@@ -119,11 +125,19 @@ def create_app(server: ServerSide, tokens: tuple[bytes, ...], config: ServeConfi
     held = Gauge("veil_requests_in_flight", "Predict requests held right now.", registry=registry)
     passes = Histogram("veil_batch_records", "Records per forward pass.", registry=registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
     state = {"in_flight": 0}
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-forward")  # one pass at a time
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-forward") if config.forward_thread else None
+
+    async def forward(messages: torch.Tensor) -> torch.Tensor:
+        if executor is None:
+            return server.predict(messages)
+        return await asyncio.get_running_loop().run_in_executor(executor, server.predict, messages)  # one pass at a time
+
     batcher: DynamicBatcher | None = None
     if config.batching:
-        batcher = DynamicBatcher(server.predict, executor, max_records=config.max_pass_records, max_delay_s=config.batch_delay_ms / 1000, busy=lambda: state["in_flight"])
+        batcher = DynamicBatcher(forward, max_records=config.max_pass_records, max_delay_s=config.batch_delay_ms / 1000, busy=lambda: state["in_flight"])
         batcher.on_batch = lambda records, _: passes.observe(records)
+    else:
+        lock = asyncio.Lock()  # without batching too, one pass at a time
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -132,7 +146,8 @@ def create_app(server: ServerSide, tokens: tuple[bytes, ...], config: ServeConfi
         yield
         if batcher is not None:
             await batcher.stop()
-        executor.shutdown(wait=False, cancel_futures=True)
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="veil split-inference service",
@@ -214,7 +229,11 @@ def create_app(server: ServerSide, tokens: tuple[bytes, ...], config: ServeConfi
                 if batcher is not None:
                     out = await asyncio.wait_for(batcher.submit(messages), config.compute_timeout_s)
                 else:
-                    out = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(executor, server.predict, messages), config.compute_timeout_s)
+                    async def alone() -> torch.Tensor:
+                        async with lock:
+                            return await forward(messages)
+
+                    out = await asyncio.wait_for(alone(), config.compute_timeout_s)
                     passes.observe(len(messages))
             except asyncio.TimeoutError:
                 raise _Refused(503, f"no answer within {config.compute_timeout_s:g} s; retry later", "compute_timeout", {"Retry-After": "1"}) from None

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-from typing import Callable
+from typing import Awaitable, Callable
 
 import torch
 
@@ -18,16 +17,14 @@ class DynamicBatcher:
     A lone request is not held back: with nothing else in flight it runs at once.
 
     Args:
-        forward: (N, *shape) -> (N,) predictions; runs in ``executor`` (one thread: passes are serial).
-        executor: Where forward passes run, off the event loop.
+        forward: (N, *shape) -> (N,) predictions, awaited; one pass at a time.
         max_records: Most records in one pass (a request larger than the rest is never split).
         max_delay_s: Longest a request waits for company.
         busy: How many predict requests the server holds right now (including this batch's).
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], executor: concurrent.futures.Executor, *, max_records: int, max_delay_s: float, busy: Callable[[], int]) -> None:
+    def __init__(self, forward: Callable[[torch.Tensor], Awaitable[torch.Tensor]], *, max_records: int, max_delay_s: float, busy: Callable[[], int]) -> None:
         self.forward = forward
-        self.executor = executor
         self.max_records = max_records
         self.max_delay_s = max_delay_s
         self.busy = busy
@@ -72,7 +69,6 @@ class DynamicBatcher:
         return items
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             items = await self._collect()
             live = [(m, f) for m, f in items if not f.done()]  # a request whose client left is skipped
@@ -80,7 +76,7 @@ class DynamicBatcher:
                 continue
             batch = torch.cat([m for m, _ in live])
             try:
-                out = await loop.run_in_executor(self.executor, self.forward, batch)
+                out = await self.forward(batch)
             except Exception as err:  # every waiting request gets the error, none is dropped
                 for _, f in live:
                     if not f.done():

@@ -32,6 +32,7 @@ def serve_cmd(
     max_concurrency: int = typer.Option(64, "--max-concurrency", help="Most predict requests held at once; more are answered 503 with Retry-After."),
     body_timeout: float = typer.Option(10.0, "--body-timeout", help="Seconds a client may take to send its body (408 beyond)."),
     compute_timeout: float = typer.Option(30.0, "--compute-timeout", help="Seconds a request may wait for its forward pass (503 beyond)."),
+    forward_thread: bool = typer.Option(False, "--forward-thread", help="Run forward passes in a worker thread so the server keeps answering during long passes (heavy models); default: on the event loop (lower latency for small models)."),
     ready_file: Optional[Path] = typer.Option(None, "--ready-file", help="Write {url, pid} as JSON here once the server accepts connections."),
 ) -> None:
     """Serve a run's model over HTTP: POST /v1/predict takes obfuscated messages, answers primary predictions."""
@@ -41,7 +42,7 @@ def serve_cmd(
 
     try:
         tokens = load_tokens(token_file)
-        config = ServeConfig(batching=batching, batch_delay_ms=batch_delay_ms, max_pass_records=max_pass_records, max_request_records=max_request_records, max_json_records=max_json_records, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency, body_timeout_s=body_timeout, compute_timeout_s=compute_timeout)
+        config = ServeConfig(batching=batching, batch_delay_ms=batch_delay_ms, max_pass_records=max_pass_records, max_request_records=max_request_records, max_json_records=max_json_records, max_body_bytes=max_body_bytes, max_concurrency=max_concurrency, body_timeout_s=body_timeout, compute_timeout_s=compute_timeout, forward_thread=forward_thread)
         server = load_server_side(run)
         serve(server, tokens, host=host, port=port, config=config, ready_file=ready_file)
     except (ValueError, FileNotFoundError) as err:
