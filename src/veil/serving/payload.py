@@ -81,6 +81,8 @@ def decode_body(body: bytes, content_type: str | None, shape_header: str | None,
             raise PayloadError(f"body is not valid JSON ({err})") from None
         if not isinstance(doc, dict) or "messages" not in doc:
             raise PayloadError('JSON body must be an object {"messages": [[...], ...]}')
+        if not isinstance(doc["messages"], list) or not 1 <= len(doc["messages"]) <= max_json_batch:
+            raise PayloadError(f"a JSON request must carry a list of 1 to {max_json_batch} messages")
         _check_nesting(doc["messages"], len(message_shape) + 1)
         try:
             a = np.asarray(doc["messages"], dtype=np.float32)
