@@ -64,29 +64,55 @@ class Processes:
         while group_alive(proc.pid) and time.time() < deadline:
             time.sleep(0.1)
         if group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop_all(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.stop(name, wait=5.0)
+        for proc in self.procs.values():  # all at once: each takes a few seconds to shut down
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for name in self.procs:
+            self.stop(name, wait=10.0)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which a container's init may never reap, do not count)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def alive(pid: int) -> bool:
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    # a zombie leader still counts for killpg; reap what we can
-    try:
-        os.waitpid(-pgid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-    return True
+
+
+def descendants(pid: int) -> set[int]:
+    """Live descendants of ``pid``, also those that left its process group (Flower's SuperExec does)."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                kids = {int(k) for k in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += list(kids - found)
+            found |= kids
+    return found
 
 
 @pytest.fixture
@@ -96,8 +122,19 @@ def processes(tmp_path):
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs = Processes(env, tmp_path)
     yield procs
+    spawned = set().union(*(descendants(p.pid) for p in procs.procs.values()))
     procs.stop_all()
+    deadline = time.time() + 15  # detached children (SuperExec) exit once they see their parent gone
+    while any(alive(pid) for pid in spawned) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in [pid for pid in spawned if alive(pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.2)
     assert not [name for name, p in procs.procs.items() if group_alive(p.pid)], "processes left running"
+    assert not [pid for pid in spawned if alive(pid)], "processes left running"
 
 
 def node_id(procs: Processes, name: str, deadline: float) -> str:
@@ -117,7 +154,7 @@ def test_run_survives_a_supernode_stopped_mid_run(tmp_path, processes):
     shutil.copy(ROOT / "examples" / "federated" / "pyproject.toml", app / "pyproject.toml")
     (tmp_path / "flwr-home" / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     out = tmp_path / "run"
-    deadline = time.time() + 240
+    deadline = time.time() + 420  # generous: a loaded 2-core machine took 175 s
 
     processes.start("superlink", str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port))
     for k in range(3):
