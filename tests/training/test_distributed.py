@@ -1,12 +1,13 @@
 """``veil train`` under ``torchrun --nproc-per-node 2`` (gloo on loopback) against one process.
 
 Oracle: one process training on whole batches (:func:`veil.training.train_run`). With the noise-free
-``none`` defense the two differ only in float summation order (two half-batch gradients summed instead of
-one whole-batch gradient), so the per-epoch losses must agree to 1e-4 (relative), the accuracies to one
-test record and every weight to 5e-3 (Adam divides by the gradient's running RMS, which lets the 1e-7
-rounding differences grow to ~1e-3 over a few epochs). The 2-process run is killed (one worker, SIGKILL)
-after its first checkpoint and resumed, so the comparison also covers resume. Every process started is
-stopped, also on failure. About 20-40 s on 2 cores (two torchrun launches).
+``none`` defense the two differ only in float summation order (two share-weighted gradient sums instead of
+one), and Adam, dividing by the gradient's running RMS, lets that rounding grow about tenfold per epoch
+(measured relative loss differences over 6 epochs: 5e-9, 6e-7, 9e-6, 1e-4, 4e-4, 3e-4; weights 6e-3 apart
+at the end). So: the first epoch's loss agrees to 1e-6 (relative; without the gradient all-reduce it is off
+by 2e-3, later ones by 8-57%), every epoch's to 2e-3, every weight to 2e-2, and validation and test accuracy to one record. The last batch (25 records) is split 13/12, so the share weighting is exercised. The 2-process run
+is killed (one worker, SIGKILL) after its first checkpoint and resumed, so the comparison covers resume.
+Every process started is stopped, also on failure. About 30-80 s on 2 cores (two torchrun launches).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from veil.training import TrainConfig, train_run
 
 pytestmark = pytest.mark.processes
 
-CFG = TrainConfig(task="digits-lt5", defense="none", epochs=6, batch_size=64, seed=3, train_size=600)
+CFG = TrainConfig(task="digits-lt5", defense="none", epochs=6, batch_size=64, seed=3, train_size=601)  # last batch 25: shares 13 and 12
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -130,9 +131,10 @@ def test_two_processes_killed_and_resumed_match_one_process(tmp_path, jobs):
     assert two["processes"] == 2 and log.count('"processes": 2') == 1  # rank 0 printed the metrics, the other rank nothing
 
     assert len(two["history"]) == len(one["history"]) == CFG.epochs
+    assert two["history"][0]["loss"] == pytest.approx(one["history"][0]["loss"], rel=1e-6)
     for a, b in zip(one["history"], two["history"]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
         assert abs(b["val_acc"] - a["val_acc"]) <= 1.5 / 360
     assert abs(two["primary_acc"] - one["primary_acc"]) <= 1.5 / 360
     w1, w2 = load_weights(tmp_path / "one" / "model.safetensors"), load_weights(out / "model.safetensors")
-    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 5e-3
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 2e-2
