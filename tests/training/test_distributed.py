@@ -5,8 +5,9 @@ Oracle: one process training on whole batches (:func:`veil.training.train_run`).
 one), and Adam, dividing by the gradient's running RMS, lets that rounding grow about tenfold per epoch
 (measured relative loss differences over 6 epochs: 5e-9, 6e-7, 9e-6, 1e-4, 4e-4, 3e-4; weights 6e-3 apart
 at the end). So: the first epoch's loss agrees to 1e-6 (relative; without the gradient all-reduce it is off
-by 2e-3, later ones by 8-57%), every epoch's to 2e-3, every weight to 2e-2, and validation and test accuracy to one record. The last batch (25 records) is split 13/12, so the share weighting is exercised. The 2-process run
-is killed (one worker, SIGKILL) after its first checkpoint and resumed, so the comparison covers resume.
+by 2e-3, later ones by 8-57%), every epoch's to 2e-3, every weight to 2e-2, and validation and test
+accuracy to one record. The last batch (25 records) is split 13/12, so the share weighting is exercised.
+The 2-process run is killed (one worker, SIGKILL) after its first checkpoint and resumed, so the comparison covers resume.
 Every process started is stopped, also on failure. About 30-80 s on 2 cores (two torchrun launches).
 """
 
