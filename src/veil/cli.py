@@ -39,7 +39,7 @@ app = typer.Typer(
 from veil.cli_common import config_option, console, fail as _fail, parse_options as _parse_options  # noqa: E402
 from veil.training.loop import TrainConfig  # noqa: E402  (the options' defaults are its fields')
 
-TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH (arrays x, y, z) or idx:DIR."
+TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH (arrays x, y, z) or idx:DIR; detection: mnist-scenes, digits-scenes, coco:IMAGES_DIR,ANNOTATIONS.json (with --model detector)."
 DEFENSE_HELP = "Obfuscation method; 'veil list' shows them all."
 
 
@@ -71,7 +71,7 @@ def train(
     lam: Optional[float] = config_option(TrainConfig, "knob", "--lambda", "-l", help="Value of the defense's privacy knob (its default if omitted)."),
     epochs: int = config_option(TrainConfig, "epochs", "--epochs", "-e", min=1, help="Training epochs in all (shared among the defense's stages)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: config.json, metrics.json, weights (safetensors). Rerun to resume."),
-    model: str = config_option(TrainConfig, "model", help="Server task model: cnn, resnet (ResNet-20-like, batch norm) or mlp."),
+    model: str = config_option(TrainConfig, "model", help="Server task model: cnn, resnet (ResNet-20-like, batch norm) or mlp; detector for detection tasks."),
     batch_size: int = config_option(TrainConfig, "batch_size", min=1, help="Records per batch."),
     lr: float = config_option(TrainConfig, "lr", help="Adam learning rate."),
     lr_schedule: str = config_option(TrainConfig, "lr_schedule", help="constant, or cosine (decay to 0 over each training stage)."),
@@ -83,6 +83,15 @@ def train(
     """Train a defense together with the server task model; write the run folder."""
     from veil.training import train_run
 
+    if _is_detection(task, model):  # mnist-scenes, digits-scenes, coco:...; --model detector
+        from veil.detection.commands import train_cmd as train_detection
+
+        try:
+            _print_metrics(train_detection(task=task, defense=defense, knob=lam, options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size,
+                                           lr=lr, seed=seed, train_size=train_size, client_budget=client_budget, out=out))
+        except (ValueError, FileNotFoundError, FloatingPointError) as err:
+            _fail(err)
+        return
     try:
         config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule, client_budget=client_budget)
         from veil.training.distributed import launched, train_run_distributed
@@ -93,6 +102,12 @@ def train(
         _fail(err)
     if metrics is not None:
         _print_metrics(metrics)
+
+
+def _is_detection(task: str, model: str) -> bool:
+    from veil.detection.tasks import is_detection_task
+
+    return is_detection_task(task) or model == "detector"
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -116,8 +131,17 @@ def export(
     folder (its seed included) can regenerate it. Labels for your own evaluation go to a separate file
     (--with-labels).
     """
+    from veil.detection.train import is_detection_run
     from veil.training import export_run
 
+    if is_detection_run(run):
+        from veil.detection.commands import export_cmd as export_detection
+
+        try:
+            Console().print_json(json.dumps(export_detection(run, out, split=split, mode=mode, force=force)))
+        except (ValueError, FileNotFoundError) as err:
+            _fail(err)
+        return
     try:
         info = export_run(run, out, split=split, mode=mode, with_labels=with_labels, noise_seed=reproducible_noise, force=force)
     except (ValueError, FileNotFoundError) as err:

@@ -126,12 +126,16 @@ class SCNLDetect(Defense):
         self.regions = self.num_classes + 1  # background + one per primary class
         cin = self.input_shape[0]
         self.out_channels = int(out_channels) or cin
+        # the size probe of create_defense builds on the meta device, where the identity initialisation
+        # and the parametrisation first import torch's reference decompositions and dynamo (10-20 s on a
+        # loaded machine): skip both there; the parameter count is the same
+        probe = torch.empty(0).device.type == "meta"
         layer = SCNLConv2d(
-            cin, self.out_channels, int(kernel_size), self.regions, init="identity" if self.out_channels == cin else "default",
+            cin, self.out_channels, int(kernel_size), self.regions, init="identity" if self.out_channels == cin and not probe else "default",
             init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
         )
         layer.selector = RegionSelector(cin, self.regions, int(selector_width))
-        self.layer = scale_learning_rate(layer, float(lr_scale))
+        self.layer = layer if probe else scale_learning_rate(layer, float(lr_scale))  # same parameter count
         self._last_penalty: torch.Tensor | None = None
 
     def config(self) -> dict[str, Any]:
