@@ -8,6 +8,8 @@ Built-in tasks (``list_tasks()``):
 * ``fashion-tag``: a FashionMNIST item with a small MNIST digit "tag" beside it on a 40x40 canvas (both
   packages); y = garment class, z = the tag's digit (a secret independent of the task); records carry the
   tag's region mask.
+* ``digits-tag``: the same composition from scikit-learn's digits (an 8x8 digit upscaled as the object, y =
+  its digit; another digit as the tag, z); always available; tests of region selection.
 
 A user's data: ``npz:PATH`` (arrays x, y, z) or ``idx:DIR`` (MNIST-style IDX files; y = label < half
 of the classes, z = label).
@@ -165,6 +167,34 @@ def _fashion_tag(seed: int) -> Task:
     return Task("fashion-tag", splits["train"], splits["val"], splits["test"], num_primary=10, num_secondary=10)
 
 
+def _digits_tag(seed: int) -> Task:
+    """The built-in, small counterpart of ``fashion-tag`` (no package needed): a scikit-learn 8x8 digit
+    upscaled into a 28x28 box as the object (y = its digit) with another record's digit in a 14x14 box as the
+    tag (z = that digit, drawn independently of y), on the same 40x40 canvas, with the tag's region mask;
+    1797 records split 60/20/20. For tests and quick checks of region selection."""
+    from torch.nn import functional as F
+
+    from veil.data import scenes
+
+    x, d = readers.load_digits_arrays()  # (N, 1, 8, 8) in [0, 1]
+    rng = np.random.default_rng(seed)
+    images = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    # like MNIST's digits, each drawing fills the middle of its box with a blank border (20 of 28 pixels,
+    # 10 of 14), so that the tag finds room beside the object
+    objects = F.pad(F.interpolate(images, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))[:, 0].clamp(0, 1)
+    pick = rng.integers(0, len(x), size=len(x))
+    tags = F.pad(F.interpolate(images[pick], size=(10, 10), mode="bilinear", align_corners=False), (2, 2, 2, 2))[:, 0].clamp(0, 1)
+    canvas, mask = scenes.paste_tags(objects.numpy(), tags.numpy(), seed=seed)
+    perm = rng.permutation(len(x))
+    a, b = int(0.6 * len(x)), int(0.8 * len(x))
+    y, z = d.astype(np.int64), d[pick].astype(np.int64)
+
+    def part(i: np.ndarray) -> Split:
+        return Split(torch.from_numpy(canvas[i]), torch.from_numpy(y[i]), torch.from_numpy(z[i]), torch.from_numpy(mask[i]))
+
+    return Task("digits-tag", part(perm[:a]), part(perm[a:b]), part(perm[b:]), num_primary=10, num_secondary=10)
+
+
 def _npz(path: str, seed: int) -> Task:
     x, y, z = readers.load_npz(path)
     if len(x) < 10:
@@ -183,7 +213,9 @@ def _idx(path: str, seed: int) -> Task:
     return _from_train_test(f"idx:{path}", a, seed, num_val=max(1, len(a["train"][1]) // 6))
 
 
-_TASKS: dict[str, Callable[[int], Task]] = {"digits-lt5": _digits, "mnist-lt5": _mnist, "fashion-lt5": _fashion, "fashion-tag": _fashion_tag}
+_TASKS: dict[str, Callable[[int], Task]] = {
+    "digits-lt5": _digits, "digits-tag": _digits_tag, "mnist-lt5": _mnist, "fashion-lt5": _fashion, "fashion-tag": _fashion_tag,
+}
 
 
 def list_tasks() -> list[str]:

@@ -21,7 +21,8 @@ The content region starts open (gain 1), the sensitive one closed (gain 0). ``pi
   region at inference, so the selector's confidence is not sent.
 
 Knob ``lambda_`` (larger = more private): the VIB charge ``lambda_ · mean KL(q(h|x) || N(0, 1))`` over the
-whole output, which closes whatever the task does not pay for. Client: selector + elementwise layer.
+whole output, which closes whatever the task does not pay for (``content_charge`` < 1 charges the pixels
+selected as content less than the sensitive ones). Client: selector + elementwise layer.
 Server: nothing (it reads h).
 """
 
@@ -72,6 +73,10 @@ class SCNLRegion(Defense):
         init_scale: Initial noise scale. bound, min_scale: the output distribution's mean bound and
             least scale. lr_scale: the client layers learn this many times faster than the server model.
         sharpen: At inference without a mask, each pixel takes its argmax region.
+        content_charge: Weight of the VIB charge on pixels selected as content, relative to the sensitive
+            region's (1: the whole output charged alike; 0: only the sensitive region is charged, so the
+            content the task needs passes as the task trains it, and what hides the secret is the sensitive
+            region's closed gain, its charge, and the selector's errs-toward-hiding weighting).
     """
 
     name: ClassVar[str] = "scnl-region"
@@ -95,6 +100,7 @@ class SCNLRegion(Defense):
         min_scale: float = 0.01,
         lr_scale: float = 5.0,
         sharpen: bool = True,
+        content_charge: float = 1.0,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
@@ -109,10 +115,12 @@ class SCNLRegion(Defense):
             raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
         if not (isinstance(lr_scale, (int, float)) and lr_scale > 0):
             raise ValueError(f"lr_scale must be a number > 0, got {lr_scale!r}")
+        if isinstance(content_charge, bool) or not (isinstance(content_charge, (int, float)) and 0 <= content_charge <= 1):
+            raise ValueError(f"content_charge must be a number in [0, 1], got {content_charge!r}")
         self.options = dict(
             lambda_=float(lambda_), selector_width=int(selector_width), hard_fraction=float(hard_fraction),
             selector_weight=float(selector_weight), init_scale=float(init_scale), bound=float(bound),
-            min_scale=float(min_scale), lr_scale=float(lr_scale), sharpen=sharpen,
+            min_scale=float(min_scale), lr_scale=float(lr_scale), sharpen=sharpen, content_charge=float(content_charge),
         )
         self.lambda_ = float(lambda_)
         layer = SCNLAdditive(self.input_shape, REGIONS, "gaussian", init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale))
@@ -162,7 +170,11 @@ class SCNLRegion(Defense):
             pi = torch.softmax(logits, 1)
         params = self.layer.distribution.constrain(self.layer.raw(x, pi=pi.unsqueeze(2)))
         h = self.layer.distribution.rsample(params)
-        penalty = self.lambda_ * self.layer.kl(params).mean()
+        kl = self.layer.kl(params)  # (B, C, H, W)
+        if self.options["content_charge"] < 1:
+            # each pixel charged by its selection: content pixels at content_charge, sensitive ones in full
+            kl = kl * (self.options["content_charge"] * pi[:, :1] + pi[:, 1:])  # (B, 1, H, W) broadcasts over C
+        penalty = self.lambda_ * kl.mean()
         if mask is not None and self.training and self.options["selector_weight"] > 0:
             # the sensitive region is the smaller one (about 1/8 of the pixels on fashion-tag): weigh it up so
             # that the selector errs toward hiding
