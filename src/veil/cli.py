@@ -61,6 +61,9 @@ def list_cmd() -> None:
         table.add_row(name, cls.knob or "-", ("larger" if cls.knob_direction > 0 else "smaller") if cls.knob else "-", doc)
     Console().print(table)
     Console().print(f"tasks: {', '.join(list_tasks())}, npz:PATH, idx:DIR")
+    from veil.detection.tasks import DETECTION_TASKS
+
+    Console().print(f"detection tasks (--model detector): {', '.join(DETECTION_TASKS)}, coco:IMAGES_DIR,ANNOTATIONS.json")
     Console().print(f"server models: {', '.join(list_models())}")
 
 

@@ -63,9 +63,13 @@ def test_hard_selection_cost_is_flat_in_the_number_of_classes(monkeypatch):
     for c in (2, 10, 80):
         layer = SCNLConv2d(1, 4, 3, c)
         mask = F.one_hot(regions, c).permute(0, 3, 1, 2).float()
+        x = torch.rand(1, 1, 96, 96)
         calls.clear()
-        layer.raw(torch.rand(1, 1, 96, 96), mask)
+        by_map = layer.raw(x, regions)  # a region map of class indices: no (B, C, H, W) mask is built
         cost.append(sum(calls))
+        calls.clear()
+        assert torch.allclose(layer.raw(x, mask), by_map, atol=1e-6)
+        assert sum(calls) == cost[-1]
     assert cost[0] == cost[1] == cost[2] > 0
 
 

@@ -174,13 +174,12 @@ class SCNLDetect(Defense):
         logits = self.layer.selector(x)  # (B, R, H, W)
         sharpen = self.options["sharpen"] and not self.training
         if regions is not None:
-            onehot = F.one_hot(regions, self.regions).permute(0, 3, 1, 2).to(x.dtype)  # (B, R, H, W)
-            raw = self.layer.raw(x, onehot)  # per-pixel hard selection, flat in C
+            raw = self.layer.raw(x, regions)  # per-pixel hard selection from the region map, flat in C
             if self.training and self.options["hard_fraction"] < 1:
                 hard = (torch.rand(b, device=x.device) < self.options["hard_fraction"]).view(b, 1, 1, 1, 1)
                 raw = torch.where(hard, raw, self.layer.raw(x, pi=torch.softmax(logits, 1).unsqueeze(2)))
         elif sharpen:
-            raw = self.layer.raw(x, F.one_hot(logits.argmax(1), self.regions).permute(0, 3, 1, 2).to(x.dtype))
+            raw = self.layer.raw(x, logits.argmax(1))  # each pixel's argmax region
         else:
             raw = self.layer.raw(x, pi=torch.softmax(logits, 1).unsqueeze(2))
         params = self.layer.distribution.constrain(raw)

@@ -17,7 +17,9 @@ Selection (how the C kernel sets are combined; see :mod:`veil.layers.selection`)
   computed for each record (gathered weights + a grouped convolution / batched matmul), so the cost stays
   flat as C grows;
 * ``layer(x, mask)`` with a (B, C, *spatial) 0/1 region mask -- per-pixel hard selection (detection):
-  pixel p of the input goes through class c's kernels where ``mask[c, p] = 1``;
+  pixel p of the input goes through class c's kernels where ``mask[c, p] = 1``; or with an integer region
+  map (B, *spatial) of class indices, the same without building a mask of all C classes. Only the kernel
+  sets of the classes present in a record are computed (conv, additive), so the cost stays flat in C;
 * ``layer(x)`` -- the layer's own selector (soft or adaptive), the inference path;
 * ``layer(x, pi=...)`` -- an explicit selection tensor.
 
@@ -89,6 +91,12 @@ class SCNLBase(nn.Module):
         if labels is not None and labels.dim() == 1:
             check_labels(labels, self.num_classes, x.shape[0])
             return self._raw_hard(x, labels.long())
+        if labels is not None and labels.dim() == 1 + len(self._spatial(x)) and not labels.is_floating_point():
+            # a region map (B, *spatial) of class indices: per-pixel hard selection without a (B, C, ...) mask
+            slots, pi = region_slots(check_region_map(labels, self.num_classes, x.shape[0], self._spatial(x)), self.num_classes)
+            if type(self)._raw_slots is SCNLBase._raw_slots:
+                return self._raw_input(x, self._mask_to_pi(F.one_hot(labels.long(), self.num_classes).movedim(-1, 1).to(x.dtype)))
+            return self._raw_slots(x, slots, pi.to(x.dtype))
         if labels is not None:  # region mask: per-pixel hard selection, pixels pass through their class's kernels
             mask = check_mask(labels, self.num_classes, x.shape[0], self._spatial(x))
             if type(self)._raw_slots is SCNLBase._raw_slots:
@@ -153,6 +161,29 @@ def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = max(1, int(present.sum(1).max())) if mask.shape[0] else 1
     slots = torch.sort(present.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
     pi = mask.gather(1, slots.reshape(*slots.shape, *([1] * (mask.dim() - 2))).expand(-1, -1, *mask.shape[2:]))
+    return slots, pi
+
+
+def check_region_map(regions: torch.Tensor, num_classes: int, batch: int, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Validate a region map (B, *spatial) of class indices in [0, C); return it as int64."""
+    want = (batch, *spatial)
+    if tuple(regions.shape) != want:
+        raise ValueError(f"region map must have shape {want} (B, *spatial of the input), got {tuple(regions.shape)}")
+    r = regions.long()
+    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= num_classes):
+        raise ValueError(f"region map values must lie in [0, {num_classes - 1}], got range [{int(r.min())}, {int(r.max())}]")
+    return r
+
+
+def region_slots(regions: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mask_slots` for a region map (B, *S) of class indices: the work is O(K * S) per record,
+    never O(C * S) (no one-hot mask of all C classes is built)."""
+    b = regions.shape[0]
+    present = torch.zeros(b, num_classes, dtype=torch.int8, device=regions.device)
+    present.scatter_(1, regions.reshape(b, -1), 1)
+    k = max(1, int(present.sum(1).max())) if b else 1
+    slots = torch.sort(present, dim=1, descending=True, stable=True).indices[:, :k]
+    pi = regions.unsqueeze(1) == slots.reshape(b, k, *([1] * (regions.dim() - 1)))  # (B, K, *S)
     return slots, pi
 
 
