@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tempfile
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +24,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the mode open() would give
     try:
@@ -33,6 +35,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporaries of ``path`` that a killed writer left (``.NAME.PID.XXXX.tmp`` whose process no
+    longer runs on this machine); a live writer's temporary is left alone."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -128,15 +151,30 @@ def load_obfuscator(path: str | os.PathLike) -> "torch.nn.Module":
         meta = f.metadata() or {}
     if "veil_defense" not in meta:
         raise ValueError(f"{path}: not a veil obfuscator file (no 'veil_defense' metadata)")
-    defense = create_defense(
-        meta["veil_defense"],
-        input_shape=tuple(json.loads(meta["input_shape"])),
-        num_classes=int(meta["num_classes"]),
-        **json.loads(meta["config"]),
-    )
-    missing, unexpected = defense.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match defense {meta['veil_defense']!r} (missing {missing}, unexpected {unexpected})")
+    try:
+        name = meta["veil_defense"]
+        shape = json.loads(meta["input_shape"])
+        num_classes = int(meta["num_classes"])
+        options = json.loads(meta["config"])
+        if not (isinstance(shape, list) and len(shape) == 3 and all(type(v) is int and 0 < v <= 4096 for v in shape)):
+            raise ValueError(f"input_shape must be three positive sizes, got {meta['input_shape']!r}")
+        if not 2 <= num_classes <= 100_000:
+            raise ValueError(f"num_classes must lie in [2, 100000], got {num_classes}")
+        if not isinstance(options, dict):
+            raise ValueError(f"config must be a JSON object, got {meta['config']!r}")
+    except (KeyError, TypeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: damaged obfuscator metadata ({err})") from err
+    try:
+        defense = create_defense(name, input_shape=tuple(shape), num_classes=num_classes, **options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: cannot rebuild its obfuscator ({err})") from err
+    try:
+        defense.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:  # missing, unexpected or differently shaped tensors
+        raise ValueError(f"{path}: weights do not match defense {name!r} ({' '.join(str(err).split())[:300]})") from err
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{path}: weights hold NaN or infinite values ({', '.join(bad[:3])})")
     return defense
 
 

@@ -25,6 +25,8 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, width: int = 32) -> nn.M
     steps and recipe (``benchmarks/server_reference.py``).
     """
     c, h, w = _image_shape(input_shape, "cnn")
+    if min(h, w) < 2:  # its 2x2 pooling needs images; an (N, D) npz gives (1, 1, D)
+        raise ValueError(f"model 'cnn' needs image-shaped messages of at least 2x2, got {tuple(input_shape)} (vector records such as an (N, D) npz): use --model mlp")
     pool = 2 if min(h, w) >= 16 else 1
     h2, w2 = h // pool // 2, w // pool // 2  # size of the last map
     return nn.Sequential(

@@ -27,6 +27,17 @@ OS_ENTROPY = "os-entropy"
 REPRODUCIBLE = "reproducible"
 
 
+#: Largest seed a config may hold: seeds are offset (per client, round, stage) and handed to NumPy and
+#: scikit-learn, which take at most 2^32 - 1.
+MAX_SEED = 2**31 - 1
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """``ValueError`` naming ``name`` unless ``seed`` is an integer in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r}")
+
+
 def seed_everything(seed: int) -> None:
     """Deterministic seeding for experiments and tests."""
     random.seed(seed)

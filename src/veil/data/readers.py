@@ -131,6 +131,12 @@ def load_idx_dir(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarra
         out[split] = ((x / 255.0 if x.max(initial=0) > 1 else x)[:, None].astype(np.float32), y)
     if len(out["train"][1]) < 12:
         raise ValueError(f"{directory}: need at least 12 training records (some are held out for validation), got {len(out['train'][1])}")
+    seen = set(np.unique(out["train"][1]).tolist())
+    if len(seen) < 2:
+        raise ValueError(f"{_find(directory, 'train-labels-idx1-ubyte')}: every training label is {seen.pop()}; a task needs at least two classes")
+    unseen = sorted(set(np.unique(out["test"][1]).tolist()) - seen)
+    if unseen:
+        raise ValueError(f"{_find(directory, 't10k-labels-idx1-ubyte')}: labels {unseen[:5]} never occur in the training labels, so no model could predict them")
     return out
 
 
@@ -210,4 +216,30 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_labels(a, f"{path}: {name}")
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: x must be finite numbers (found NaN or infinity)")
+    for name, a in (("y", y), ("z", z)):
+        if len(np.unique(a)) < 2:
+            raise ValueError(f"{path}: every {name} label is {int(a[0])}; a task needs at least two classes in {name}")
     return x.astype(np.float32), y.astype(np.int64), z.astype(np.int64)
+
+
+def fingerprint(task: str) -> str | None:
+    """SHA-256 of the files behind a user's task (``npz:PATH``: the file; ``idx:DIR``: its four IDX
+    files), so a run can tell when its data was replaced after training; None for built-in tasks."""
+    import hashlib
+
+    if task.startswith("npz:"):
+        files = [Path(task[4:])]
+    elif task.startswith("idx:"):
+        d = Path(task[4:])
+        files = [_find(d, f"{prefix}-{kind}") for prefix in ("train", "t10k") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    else:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as err:
+            raise DatasetMissingError(f"{f}: cannot read ({err.strerror or err})") from err
+    return digest.hexdigest()

@@ -57,7 +57,7 @@ def create_defense(
     check_option_types(cls, overrides)
     build = lambda: cls(input_shape=tuple(input_shape), num_classes=num_classes, **overrides)  # noqa: E731
     try:
-        _check_size(name, build)
+        _check_size(name, build, overrides)
         return build()
     except (MemoryError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and "allocate" not in str(err):
@@ -73,7 +73,7 @@ def create_defense(
 MAX_PARAMETERS = 50_000_000
 
 
-def _check_size(name: str, build: Any) -> None:
+def _check_size(name: str, build: Any, options: dict[str, Any]) -> None:
     """Build the defense on the meta device (no memory) and refuse it if it would be absurdly large."""
     try:
         with torch.device("meta"):
@@ -82,7 +82,7 @@ def _check_size(name: str, build: Any) -> None:
         return  # a constructor that computes on real data; it is built for real next
     n = sum(p.numel() for p in probe.parameters()) + sum(b.numel() for b in probe.buffers())
     if n > MAX_PARAMETERS:
-        raise ValueError(f"defense {name!r} with these options would hold {n:,} parameters (more than {MAX_PARAMETERS:,}); lower its width options")
+        raise ValueError(f"defense {name!r} with these options would hold {n:,} parameters (more than {MAX_PARAMETERS:,}); lower its size options (given: {', '.join(f'{k}={v}' for k, v in options.items() if isinstance(v, (int, float)) and not isinstance(v, bool)) or 'none'})")
 
 
 def check_option_types(cls: type[Defense], options: dict[str, Any]) -> None:

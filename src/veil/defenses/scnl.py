@@ -45,7 +45,7 @@ Registry entries (thin option sets over :class:`SCNLDefense`):
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -59,6 +59,17 @@ from veil.layers.selection import AdaptiveSelection, SoftSelection
 LAYERS = ("additive", "conv", "linear")
 SELECTIONS = ("adaptive", "soft")
 TRAININGS = ("joint", "twostage")
+
+
+#: Options that only some configurations read: (option, whether it applies, where it applies). Given
+#: where it does nothing, it is refused rather than silently ignored (kernel_size=2 on the additive layer).
+_SCOPED_OPTIONS: tuple[tuple[str, Callable[[dict[str, Any]], bool], str], ...] = (
+    ("kernel_size", lambda o: o["layer"] == "conv", "the conv layer"),
+    ("out_channels", lambda o: o["layer"] == "conv", "the conv layer"),
+    ("incarnation", lambda o: o["layer"] in ("conv", "linear"), "the conv and linear layers"),
+    ("selector_width", lambda o: o["selection"] == "adaptive", "the adaptive selection"),
+    ("soft_share", lambda o: o["training"] == "twostage", "two-stage training"),
+)
 
 
 class SCNLDefense(Defense):
@@ -159,6 +170,9 @@ class SCNLDefense(Defense):
         )
         o = {k: (self.DEFAULTS[k] if v is None else v) for k, v in given.items()}
         self._validate(o)
+        for key, applies, what in _SCOPED_OPTIONS:
+            if given[key] is not None and given[key] != self.DEFAULTS[key] and not applies(o):
+                raise ValueError(f"{key} has no effect here: it applies to {what} (this defense: layer {o['layer']!r}, selection {o['selection']!r}, training {o['training']!r})")
         self.options = o
         self.lambda_ = float(o["lambda_"])
         self.layer = scale_learning_rate(self._build_layer(o), float(o["lr_scale"]))
@@ -189,6 +203,8 @@ class SCNLDefense(Defense):
             raise ValueError(f"sharpen must be true or false, got {o['sharpen']!r}")
         if not (isinstance(o["lr_scale"], (int, float)) and o["lr_scale"] > 0):
             raise ValueError(f"lr_scale must be a number > 0, got {o['lr_scale']!r}")
+        if int(o["kernel_size"]) < 1:
+            raise ValueError(f"kernel_size must be >= 1, got {o['kernel_size']!r}")
         if o["out_channels"] is not None and int(o["out_channels"]) < 1:
             raise ValueError(f"out_channels must be >= 1, got {o['out_channels']!r}")
 

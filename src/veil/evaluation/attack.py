@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense
-from veil.noise import seed_everything
+from veil.noise import check_seed, seed_everything
 from veil.training.run import EXPOSURES
 
 #: Points of exposure an attack can target (``EXPOSURES`` plus the train-mode messages).
@@ -106,6 +106,7 @@ class AttackConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "eval seed")
         valid = set(IMAGE_ATTACKERS) | set(VECTOR_ATTACKERS)
         if not self.attackers:
             raise ValueError("attackers must name at least one architecture")

@@ -20,7 +20,7 @@ from veil.data.tasks import load_task
 from veil.evaluation.attack import AttackConfig, attribute_attack
 from veil.io import write_json
 from veil.training.loop import TrainConfig
-from veil.training.run import load_run, train_run
+from veil.training.run import check_output_folder, load_run, train_run
 
 DEMO_TASK = "digits-lt5"
 
@@ -51,7 +51,7 @@ def run_demo(
         raise ValueError(f"num_images must be >= 1, got {num_images!r}")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out)
     task = load_task(DEMO_TASK)
     rows: dict[str, dict[str, Any]] = {}
     messages: dict[str, torch.Tensor] = {}

@@ -61,10 +61,12 @@ class MIConfig:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k!r}")
-        if self.dims < 1:
-            raise ValueError(f"dims must be >= 1, got {self.dims!r}")
+        if not 1 <= self.dims <= 256:
+            raise ValueError(f"dims must lie in [1, 256], got {self.dims!r}")
         if self.samples <= self.k + 1:
             raise ValueError(f"samples must exceed k + 1 = {self.k + 1}, got {self.samples!r}")
+        if self.k > 1000 or self.samples > 1_000_000:
+            raise ValueError(f"k must be <= 1000 and samples <= 1000000, got {self.k!r}, {self.samples!r}")
         if self.pca_fit_size < 2:
             raise ValueError(f"pca_fit_size must be >= 2, got {self.pca_fit_size!r}")
         if self.exposure not in EXPOSURES:

@@ -67,6 +67,9 @@ class ReconstructionConfig:
         for name in ("epochs", "patience", "batch_size", "width", "grid_records", "views"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name, most in (("width", 1024), ("epochs", 10_000), ("views", 64), ("grid_records", 64)):
+            if int(getattr(self, name)) > most:
+                raise ValueError(f"{name} must be <= {most}, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         for name in ("train_size", "test_size"):

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 from veil.evaluation.sweep import PRIVACY_FILE
 from veil.io import atomic_path, read_json, write_bytes, write_csv
+from veil.training.run import check_output_folder, make_output_folder
 
 COLUMNS = (
     "task", "defense", "knob", "knob_value", "primary_acc",
@@ -33,9 +34,51 @@ def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{d}: no such directory")
         files = [d] if d.is_file() else sorted(d.rglob(PRIVACY_FILE))
         for f in files:
-            rows.append(flatten(read_json(f)))
+            rows.append(flatten(check_privacy(read_json(f), f)))
     rows.sort(key=lambda r: (r["task"], r["defense"], _num(r["knob_value"])))
     return rows
+
+
+#: Fields of a privacy.json the report reads: accuracies and floors (numbers in [0, 1] or null), other numbers.
+_SHARES = ("primary_acc", "attack_acc", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc", "majority_floor", "primary_only_floor")
+_NUMBERS = ("knob_value", "client_flops_share")
+
+
+def check_privacy(p: Any, path: Path) -> dict[str, Any]:
+    """``p`` (read from ``path``) if it is a privacy.json the report can draw; ``ValueError`` naming the
+    file and the field otherwise."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: not a veil privacy.json ({what})")
+
+    if not isinstance(p, dict):
+        raise bad(f"expected a JSON object, got {type(p).__name__}")
+    for key in ("task", "defense"):
+        if not isinstance(p.get(key), str) or not p[key]:
+            raise bad(f"{key!r} must be a name, got {p.get(key)!r}")
+    for key in _SHARES + _NUMBERS:
+        v = p.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise bad(f"{key!r} must be a finite number or null, got {v!r}")
+        if key in _SHARES and not 0 <= v <= 1:
+            raise bad(f"{key!r} is an accuracy, so it lies in [0, 1]; got {v!r}")
+    if p.get("best_attacker") is not None and not isinstance(p["best_attacker"], str):
+        raise bad(f"'best_attacker' must be a name or null, got {p['best_attacker']!r}")
+    for key, fields in (("mi", ("ksg", "ksg_normalised")), ("reconstruction", ("psnr", "ssim"))):
+        sub = p.get(key)
+        if sub is None:
+            continue
+        if not isinstance(sub, dict):
+            raise bad(f"{key!r} must be an object or null, got {sub!r}")
+        for f in fields:
+            v = sub.get(f)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise bad(f"{key}.{f} must be a finite number or null, got {v!r}")
+    bound = (p.get("mi") or {}).get("gaussian_bound")
+    if bound is not None and not isinstance(bound, dict):
+        raise bad(f"mi.gaussian_bound must be an object or null, got {bound!r}")
+    return p
 
 
 def flatten(p: dict[str, Any]) -> dict[str, Any]:
@@ -129,11 +172,12 @@ def report(dirs: Iterable[str | Path], out: str | Path) -> dict[str, Any]:
     dirs = list(dirs)
     if not dirs:
         raise ValueError("report needs at least one directory holding privacy.json files")
+    check_output_folder(Path(out))
     rows = collect(dirs)
     if not rows:
         raise ValueError(f"no {PRIVACY_FILE} under {', '.join(map(str, dirs))}; run 'veil evaluate' or 'veil sweep' first")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     write_csv(out / "results.csv", rows)
     figures = []
     md = ["# veil privacy/utility trade-off\n"]

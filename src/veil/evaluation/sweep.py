@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,22 @@ from veil.evaluation.reconstruction import ReconstructionConfig, reconstruction_
 from veil.io import read_json, write_json
 from veil.noise import seed_everything
 from veil.training.loop import TrainConfig
-from veil.training.run import config_matches, load_run, train_run
+from veil.training.run import build, check_output_folder, config_matches, evaluate_primary, load_run, train_run
 
 PRIVACY_FILE = "privacy.json"
+RECONSTRUCTION_FILE = "reconstruction.png"
+
+
+def check_result_files(folder: Path, names: list[str]) -> None:
+    """Refuse, before any work, result files that could not be written: a folder that is missing or not
+    writable, a result name taken by a folder."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{folder}: the folder is not writable, so {', '.join(names)} could not be written")
+    for name in names:
+        if (folder / name).is_dir():
+            raise ValueError(f"{folder / name}: is a folder; {name} is written there")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +73,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Attack a finished run folder and write ``RUN/privacy.json`` (atomically); return its content.
 
-    Keys: ``primary_acc`` (from metrics.json: the server's accuracy on inference messages, the accuracy a
-    user gets) and ``label_readback_training_exposure`` (the server's accuracy on training-exposure
-    messages, which carry the known label where the method hard-selects by it: a check, not an accuracy
-    anyone gets; read from the old key ``primary_acc_training_exposure`` in runs written before),
+    Keys: ``primary_acc`` (measured here, on the weights attacked: the server's accuracy on inference
+    messages, the accuracy a user gets; ``primary_acc_at_training`` is metrics.json's number) and
+    ``label_readback_training_exposure`` (the server's accuracy on training-exposure messages, which
+    carry the known label where the method hard-selects by it: a check, not an accuracy anyone gets),
     ``attack_acc`` / ``attack_acc_training`` / ``attack_acc_training_time`` (best attacker by validation
     accuracy, test accuracy, per exposure; the attackers include the run's own server model), ``attack``
     (every attacker at every exposure, averaging attack, floors, record counts), ``majority_floor``,
@@ -72,8 +86,11 @@ def evaluate_run(
     config = config or EvalConfig()
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     run = Path(run)
-    train_cfg, task, defense, _ = load_run(run, task=task)
+    train_cfg, task, defense, model = load_run(run, task=task)
     metrics = read_json(run / "metrics.json")
+    check_result_files(run, [PRIVACY_FILE, RECONSTRUCTION_FILE])  # before the attacks, not after them
+    seed_everything(config.attack.seed)
+    measured = evaluate_primary(defense, model, task)  # measured now, on the weights being attacked
     t0 = time.time()
     log(f"[evaluate] {run}: defense {defense.name}, {defense.knob or 'no knob'}={defense.knob_value()}")
     attack = attribute_attack(defense, task, config.attack, server_model=train_cfg.model, log=log)
@@ -83,8 +100,9 @@ def evaluate_run(
         "defense": defense.name,
         "knob": defense.knob or None,
         "knob_value": defense.knob_value(),
-        "primary_acc": metrics.get("primary_acc"),
-        "label_readback_training_exposure": metrics.get("label_readback_training_exposure", metrics.get("primary_acc_training_exposure")),
+        "primary_acc": measured["primary_acc"],
+        "label_readback_training_exposure": measured["label_readback_training_exposure"],
+        "primary_acc_at_training": metrics.get("primary_acc"),
         "attack_acc": attack.get("inference", {}).get("attack_acc"),
         "attack_acc_training": attack.get("training", {}).get("attack_acc"),
         "attack_acc_training_time": attack.get("training-time", {}).get("attack_acc"),
@@ -108,12 +126,15 @@ def evaluate_run(
     else:
         out["mi"] = None
     if config.reconstruction is not None:
-        out["reconstruction"] = reconstruction_attack(defense, task, config.reconstruction, grid_path=run / "reconstruction.png", log=log)
+        out["reconstruction"] = reconstruction_attack(defense, task, config.reconstruction, grid_path=run / RECONSTRUCTION_FILE, log=log)
     else:
         out["reconstruction"] = None
+        (run / RECONSTRUCTION_FILE).unlink(missing_ok=True)  # a grid from an earlier evaluation would not match
     out["evaluation_config"] = config.to_dict()
     out["train_config"] = train_cfg.to_dict()
     out["seconds"] = round(time.time() - t0, 2)
+    if (run / PRIVACY_FILE).exists():
+        log(f"[evaluate] {run / PRIVACY_FILE}: replacing the earlier evaluation")
     write_json(run / PRIVACY_FILE, out)
     log(
         f"[evaluate] {run}: primary {out['primary_acc']:.4f}, attack {out['attack_acc']} "
@@ -160,10 +181,15 @@ def sweep(
         raise ValueError("knobs must hold at least one value")
     if not cls.knob:
         values = [None]
-    loaded: Task | None = data
+    # every run's config, the task, each defense and model are built (so validated) and the output
+    # folder checked before anything is written or logged: a bad knob or option leaves nothing behind
+    configs = [TrainConfig(task=task, defense=defense, knob=knob, **train) for knob in values]
+    check_output_folder(Path(out))
+    loaded: Task = data if data is not None else load_task(task, seed=configs[0].seed, train_size=configs[0].train_size)
+    for config in configs:
+        build(config, loaded)
     results = []
-    for i, knob in enumerate(values):
-        config = TrainConfig(task=task, defense=defense, knob=knob, **train)
+    for i, (knob, config) in enumerate(zip(values, configs)):
         folder = run_dir(out, defense, knob)
         done = folder / PRIVACY_FILE
         if done.exists():
@@ -174,8 +200,6 @@ def sweep(
                 continue
             log(f"[sweep] {folder}: privacy.json was made with other settings; evaluating again")
         log(f"[sweep] {defense} {cls.knob or ''}={knob if knob is not None else 'default'} ({i + 1}/{len(values)}) -> {folder}")
-        if loaded is None:
-            loaded = load_task(task, seed=config.seed, train_size=config.train_size)
         train_run(config, folder, task=loaded, log=log)
         results.append(evaluate_run(folder, evaluation, task=loaded, log=log))
     return results

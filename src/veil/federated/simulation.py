@@ -78,9 +78,17 @@ class InProcessGrid(Grid):
 
 
 def check_clients(config: FederatedConfig) -> None:
-    """Raise ``ValueError`` early if the split cannot give every client its records."""
+    """Raise ``ValueError`` early, before anything is written: the task, a split that cannot give every
+    client its records, the server model, the defense and its options, a shared obfuscator file."""
+    from veil.federated.task import client_obfuscator, new_model, new_obfuscator
+
     task = load_federated_task(config)
     partition_indices(task.train.z.numpy(), config.clients, config.partition, alpha=config.alpha, seed=config.seed)
+    new_model(config)
+    if config.obfuscator is not None:
+        client_obfuscator(config, 0, task.train, task=task)  # loads the file and checks it fits the task
+    else:
+        new_obfuscator(config, task)
 
 
 def run_federated(config: FederatedConfig, out: str | Path, *, backend: str = "inprocess", log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -91,6 +99,9 @@ def run_federated(config: FederatedConfig, out: str | Path, *, backend: str = "i
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    from veil.training.run import check_output_folder
+
+    check_output_folder(Path(out))
     check_clients(config)
     t0 = time.time()
     if backend == "inprocess":

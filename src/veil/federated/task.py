@@ -42,13 +42,15 @@ from veil.data.tasks import Split, Task, load_task
 from veil.defenses import Defense, create_defense, defense_class, with_knob
 from veil.io import load_obfuscator
 from veil.models import create_model
-from veil.noise import seed_everything
+from veil.noise import check_seed, seed_everything
 from veil.training.incremental import default_defense
 from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
 from veil.training.run import obfuscate
 from veil.training.screening import SCREEN_MODES, Screening
 
 PARTITIONS = ("iid", "noniid")
+#: Bounds on the size options, checked before anything runs (1e9 rounds would never end).
+MAX_CLIENTS, MAX_ROUNDS = 1000, 10_000
 OBFUSCATOR_TRAINING = ("federated", "local")
 #: Key prefixes of the global state that travels: the model's, and (``federated`` obfuscators) the obfuscator's.
 MODEL, OBFUSCATOR = "model.", "obfuscator."
@@ -121,10 +123,11 @@ class FederatedConfig:
     attack_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.clients < 1:
-            raise ValueError(f"clients must be >= 1, got {self.clients!r}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds!r}")
+        check_seed(self.seed)
+        if not 1 <= self.clients <= MAX_CLIENTS:
+            raise ValueError(f"clients must lie in [1, {MAX_CLIENTS}], got {self.clients!r}")
+        if not 1 <= self.rounds <= MAX_ROUNDS:
+            raise ValueError(f"rounds must lie in [1, {MAX_ROUNDS}], got {self.rounds!r}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):

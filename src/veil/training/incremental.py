@@ -37,9 +37,9 @@ from veil.data.tasks import Split, Task, load_task
 from veil.defenses import Defense, create_defense, defense_class, list_defenses, with_knob
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
 from veil.models import create_model
-from veil.noise import OS_ENTROPY, REPRODUCIBLE, seed_everything
+from veil.noise import OS_ENTROPY, REPRODUCIBLE, check_seed, seed_everything
 from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
-from veil.training.run import obfuscate, open_run_folder
+from veil.training.run import check_output_folder, obfuscate, open_run_folder
 from veil.training.screening import SCREEN_MODES, Screening
 
 #: What the hand-over's privacy is measured with: ``attack(defense, handed_over, val, test, task, config)``
@@ -113,6 +113,7 @@ class IncrementalConfig:
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         for name in ("start", "step", "max_p"):
             v = getattr(self, name)
             if not (0 < v <= 100):
@@ -215,9 +216,9 @@ def run_incremental(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
-    finished = open_run_folder(out, config, "incremental.json", what="incremental run", log=log)
-    if finished is not None:
-        return finished
+    check_output_folder(out)
+    # the task, model and defense are built (and so validated) before the first write: a bad command
+    # leaves no config.json behind to block the corrected one
     task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
     val, test = _head(task.val, config.eval_size), _head(task.test, config.eval_size)
     n_train = len(task.train)
@@ -227,6 +228,9 @@ def run_incremental(
     seed_everything(config.seed)
     nn_p = create_model(config.model, task.input_shape, task.num_primary)
     defense = _build_defense(config, task)
+    finished = open_run_folder(out, config, "incremental.json", what="incremental run", log=log)
+    if finished is not None:
+        return finished
     state = read_json(out / "state.json") if (out / "state.json").exists() else {"steps": [], "done": False}
     steps: list[dict[str, Any]] = state["steps"]
     if steps:

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense, Recipe, Stage
+from veil.noise import check_seed
 from veil.training.screening import Screening
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     client_budget: float | None = None
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:

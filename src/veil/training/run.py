@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.data.readers import fingerprint
 from veil.data.tasks import Task, load_task
 from veil.defenses import Defense, create_defense, with_knob
 from veil.io import load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
@@ -42,6 +43,9 @@ def build(config: TrainConfig, task: Task | None = None) -> tuple[Task, Defense,
 
         options, _ = fit_client_budget(config.defense, config.client_budget, options, input_shape=task.input_shape, num_classes=task.num_primary, model=config.model)
     defense = create_defense(config.defense, input_shape=task.input_shape, num_classes=task.num_primary, **options)
+    stages = len(defense.stages())
+    if config.epochs < stages:  # --epochs is "in all": each stage needs one
+        raise ValueError(f"--epochs {config.epochs}: defense {config.defense!r} trains in {stages} stages and needs at least {stages} epochs in all")
     model = create_model(config.model, defense.output_shape(), task.num_primary)
     return task, defense, model
 
@@ -118,28 +122,36 @@ def open_run_folder(
         if (out / result).exists():
             log(f"{out}: {what} already finished; results in {out / result}")
             return read_json(out / result)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     write_json(cfg_path, config.to_dict())
     return None
 
 
-def check_output_folder(out: Path) -> None:
-    """Refuse an output folder that cannot hold a run, before anything is computed or written: the
-    current directory (an empty ``--out``), an existing file, a path under a file, a folder that cannot
-    be created or written."""
-    if str(out) in ("", "."):
-        raise ValueError("--out must name a run folder, not the current directory")
+def check_output_folder(out: Path, option: str = "--out") -> None:
+    """Refuse an output folder that cannot hold a run, before anything is computed or written (nothing is
+    created here): the current directory (an empty ``--out``), a name over 255 bytes, an existing file, a
+    path under a file, a folder (or the nearest existing parent) that cannot be written."""
+    out = Path(out)
+    if str(out) in ("", ".") or out.resolve() == Path.cwd().resolve():
+        raise ValueError(f"{option} must name a run folder, not the current directory")
+    for part in out.parts:
+        if len(part.encode()) > 255:
+            raise ValueError(f"{option} {out}: a name in it is longer than 255 bytes")
     for parent in (out, *out.parents):
-        if parent.exists() and not parent.is_dir():
-            raise ValueError(f"--out {out}: {parent} is a file, not a folder")
         if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{option} {out}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {out}: {'the folder' if parent == out else parent} is not writable")
             break
+
+
+def make_output_folder(out: Path, option: str = "--out") -> None:
+    """Create ``out`` (after :func:`check_output_folder` and validation); an OS refusal as one line."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ValueError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: the folder is not writable")
+        raise ValueError(f"{option} {out}: cannot create the folder ({err.strerror or err})") from err
 
 
 def train_run(
@@ -159,8 +171,10 @@ def train_run(
     # everything the config names (task, defense, options, model) is built, and so validated, before
     # the first file is written: a bad command leaves no config.json behind to block the corrected one
     task, defense, model = build(config, task)
+    data = fingerprint(config.task)
     finished = open_run_folder(out, config, "metrics.json", log=log)
     if finished is not None:
+        check_data_unchanged(config.task, data, finished.get("data_sha256"), out)
         return finished
 
     start, opt_state, history = (0, 0), None, []
@@ -169,18 +183,21 @@ def train_run(
         if (out / stale).exists():
             raise ValueError(f"{out}: holds a checkpoint in an older format ({stale}); delete {out} and train again")
     if ckpt.exists():
-        start, opt_state, history = load_checkpoint(ckpt, defense, model, config)
+        start, opt_state, history = load_checkpoint(ckpt, defense, model, config, data_sha256=data)
         log(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
 
     def checkpoint(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
         history.append(rec)
-        save_checkpoint(ckpt, defense, model, opt, {"stage": si, "epoch": next_epoch, "history": history})
+        save_checkpoint(ckpt, defense, model, opt, {"stage": si, "epoch": next_epoch, "history": history, "config": config.to_dict(), "data_sha256": data})
 
     t0 = time.time()
     fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log)
     metrics = evaluate_primary(defense, model, task)
     metrics.update(client_cost(defense, model))
     metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "train_seconds": round(time.time() - t0, 2), "history": history})
+    # what the weights were trained on, checked by load_run (export, evaluate): config.json edited (its
+    # seed picks the split) or the data file replaced afterwards is refused, not silently used
+    metrics.update({"config": config.to_dict(), "data_sha256": data})
     save_obfuscator(out / "obfuscator.safetensors", defense)
     save_weights(out / "model.safetensors", model.state_dict())
     write_json(out / "metrics.json", metrics)
@@ -210,10 +227,13 @@ def save_checkpoint(path: Path, defense: Defense, model: nn.Module, opt: torch.o
     save_weights(path, tensors, metadata=meta)
 
 
-def load_checkpoint(path: Path, defense: Defense, model: nn.Module, config: TrainConfig) -> tuple[tuple[int, int], dict, list]:
+def load_checkpoint(
+    path: Path, defense: Defense, model: nn.Module, config: TrainConfig, *, data_sha256: str | None = None
+) -> tuple[tuple[int, int], dict, list]:
     """Restore weights and random state from :func:`save_checkpoint`'s file; return ((stage, epoch),
-    optimizer state, history). The progress it records is checked against ``config``'s stages and epochs:
-    a checkpoint that does not fit this run is refused, never silently trained on."""
+    optimizer state, history). The progress it records is checked against ``config``'s stages and epochs,
+    and the config and data fingerprint it records (where it records them) against ``config`` and
+    ``data_sha256``: a checkpoint that does not fit this run is refused, never silently trained on."""
     from safetensors import safe_open
 
     from veil.training.loop import stage_epochs
@@ -226,6 +246,10 @@ def load_checkpoint(path: Path, defense: Defense, model: nn.Module, config: Trai
         stage, epoch, history = int(progress["stage"]), int(progress["epoch"]), list(progress["history"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: not a veil checkpoint, or its progress record is damaged ({err}); delete it to start over") from err
+    if "config" in progress and not config_matches(config, progress["config"]):
+        raise ValueError(f"{path}: was written for another config than {path.parent / 'config.json'} holds now; delete it to start over")
+    if progress.get("data_sha256") != data_sha256 and "data_sha256" in progress:
+        raise ValueError(f"{config.task[4:]}: the data changed since {path} was written; delete {path.parent} to train on the new data")
     counts = stage_epochs(defense.stages(), config.epochs)
     if not (0 <= stage < len(counts) and 1 <= epoch <= counts[stage]) or len(history) != sum(counts[:stage]) + epoch:
         raise ValueError(
@@ -266,6 +290,12 @@ def evaluate_primary(defense: Defense, model: nn.Module, task: Task) -> dict[str
     }
 
 
+def check_data_unchanged(task: str, now: str | None, recorded: str | None, run: Path) -> None:
+    """Refuse a run whose ``npz:``/``idx:`` data no longer has the fingerprint recorded at training."""
+    if recorded is not None and now != recorded:
+        raise ValueError(f"{task[4:]}: the data changed since {run} was trained (sha256 {recorded[:12]} then, {str(now)[:12]} now); train a new run on it")
+
+
 def load_run(run: str | Path, *, task: Task | None = None) -> tuple[TrainConfig, Task, Defense, nn.Module]:
     """Reload a finished run: its config, task, trained defense and trained server model."""
     run = Path(run)
@@ -273,9 +303,23 @@ def load_run(run: str | Path, *, task: Task | None = None) -> tuple[TrainConfig,
         raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
     if not (run / "metrics.json").exists():
         raise FileNotFoundError(f"{run}: run has not finished (no metrics.json); rerun 'veil train' with the same --out to resume")
-    config = TrainConfig.from_dict(read_json(run / "config.json"))
-    task = task or load_task(config.task, seed=config.seed, train_size=config.train_size)
+    raw, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{run / 'metrics.json'}: not a run's metrics (expected a JSON object)")
+    recorded = metrics.get("config")
+    if recorded is not None and recorded != raw:
+        changed = sorted(k for k in set(recorded) | set(raw) if recorded.get(k) != raw.get(k)) if isinstance(raw, dict) else ["the whole file"]
+        raise ValueError(f"{run / 'config.json'}: changed since the run was trained ({', '.join(changed)}); the weights belong to the config recorded in metrics.json")
+    try:
+        config = TrainConfig.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{run / 'config.json'}: not a valid run config ({err})") from err
+    if task is None:
+        check_data_unchanged(config.task, fingerprint(config.task), metrics.get("data_sha256"), run)
+        task = load_task(config.task, seed=config.seed, train_size=config.train_size)
     defense = load_obfuscator(run / "obfuscator.safetensors")
+    if tuple(defense.input_shape) != tuple(task.input_shape) or defense.num_classes != task.num_primary:
+        raise ValueError(f"{run / 'obfuscator.safetensors'}: obfuscator for records {tuple(defense.input_shape)} with {defense.num_classes} classes, the run's task has {tuple(task.input_shape)} and {task.num_primary}")
     model = create_model(config.model, defense.output_shape(), task.num_primary)
     try:
         model.load_state_dict(load_weights(run / "model.safetensors"))
