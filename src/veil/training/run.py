@@ -172,9 +172,11 @@ def train_run(
     # the first file is written: a bad command leaves no config.json behind to block the corrected one
     task, defense, model = build(config, task)
     data = fingerprint(config.task)
+    done = out / "metrics.json"
+    if done.is_file() and (out / "config.json").is_file() and config_matches(config, read_json(out / "config.json")):
+        check_data_unchanged(config.task, data, read_json(done).get("data_sha256"), out)  # before "already finished"
     finished = open_run_folder(out, config, "metrics.json", log=log)
     if finished is not None:
-        check_data_unchanged(config.task, data, finished.get("data_sha256"), out)
         return finished
 
     start, opt_state, history = (0, 0), None, []
