@@ -272,6 +272,10 @@ CASES: list[tuple[str, list[str], str, Callable[[Path], None] | None]] = [
     ("train: -o read-only", ["train", *TINY, "-o", "{t}/ro/r"], "--out", _readonly("ro")),
     ("train: -o another run", ["train", "-d", "scnl", *TINY, "-o", "{run}"], "different config", None),
     ("train: bad option leaves no config", ["train", "-d", "gaussian", "--option", "bogus=1", *TINY, "-o", "{t}/new"], "bogus", None),
+    ("train: checkpoint garbage", ["train", "-d", "scnl", "-e", "1", "--train-size", "60", "-o", "{run}"], "checkpoint.safetensors",
+     _both(lambda t: (t / "run" / "metrics.json").unlink(), _write("run/checkpoint.safetensors", b"garbage"))),
+    ("train: checkpoint of an older format", ["train", "-d", "scnl", "-e", "1", "--train-size", "60", "-o", "{run}"], "progress.json",
+     _both(lambda t: (t / "run" / "metrics.json").unlink(), _write("run/progress.json", '{"epoch": 99}'))),
     ("train: train size 0", ["train", *TINY, "--train-size", "0", "-o", "{t}/r"], "--train-size", None),
     # ---- train: the user's data files (npz)
     ("npz: missing file", ["train", "-t", "npz:{t}/none.npz", *TINY, "-o", "{t}/r"], "none.npz", None),
@@ -329,6 +333,8 @@ CASES: list[tuple[str, list[str], str, Callable[[Path], None] | None]] = [
     ("export: -o 300 characters", ["export", "{run}", "-o", "{t}/" + LONG + ".npz"], "255", None),
     ("export: -o empty", ["export", "{run}", "-o", ""], "--out", None),
     ("export: -o read-only folder", ["export", "{run}", "-o", "{t}/ro/m.npz"], "--out", _readonly("ro")),
+    ("export: --force onto a read-only file", ["export", "{run}", "--force", "-o", "{t}/ro.npz"], "read-only", lambda t: ((t / "ro.npz").write_bytes(b"mine"), (t / "ro.npz").chmod(0o444))),
+    ("export: metrics a list", ["export", "{run}", "-o", "{t}/m.npz"], "metrics.json", _write("run/metrics.json", "[]")),
     ("export: bad split", ["export", "{run}", "--split", "dev", "-o", "{t}/m.npz"], "split", None),
     ("export: bad mode", ["export", "{run}", "--mode", "both", "-o", "{t}/m.npz"], "mode", None),
     ("export: negative noise seed", ["export", "{run}", "--reproducible-noise", "-1", "-o", "{t}/m.npz"], "--reproducible-noise", None),
@@ -505,6 +511,7 @@ def assert_one_line_error(argv: list[str], root: Path, word: str = "") -> str:
 
         output += "".join(traceback.format_exception(r.exception))
     assert "Traceback" not in output, output
+    assert "allow_pickle" not in output, output  # NumPy's advice to unpickle is wrong and unsafe here
     assert r.exit_code == 2, f"exit {r.exit_code}: {output}"
     lines = output.strip().splitlines()
     assert len(lines) == 1, output
@@ -668,6 +675,8 @@ def test_evaluate_measures_primary_accuracy_and_drops_a_stale_reconstruction(fin
     assert privacy["primary_acc_at_training"] == 0.123
     assert abs(privacy["primary_acc"] - metrics["primary_acc"]) < 0.1  # measured again on the weights
     assert privacy["reconstruction"] is None and not (run / "reconstruction.png").exists()
+    r = _invoke(["report", str(run), "-o", str(tmp_path / "rep")])  # a real privacy.json passes the report's checks
+    assert r.exit_code == 0, r.output
 
 
 def test_vector_records_train_with_the_mlp_and_epochs_are_in_all(tmp_path):

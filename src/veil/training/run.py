@@ -389,6 +389,8 @@ def check_export_target(target: Path, run: Path, *, force: bool) -> None:
         raise ValueError(f"--out {target} is a file of the run folder {target.parent}; export elsewhere")
     if target.exists() and not force:
         raise ValueError(f"--out {target} exists; pass --force to replace it")
+    if target.exists() and not target.stat().st_mode & 0o222:
+        raise ValueError(f"--out {target} is read-only; make it writable to replace it")
 
 
 def labels_path(out: str | Path) -> Path:
