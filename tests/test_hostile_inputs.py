@@ -691,3 +691,33 @@ def test_vector_records_train_with_the_mlp_and_epochs_are_in_all(tmp_path):
     r = _invoke(["train", "-d", "svd", "-e", "2", "--train-size", "60", "--model", "mlp", "-o", str(tmp_path / "svd")])
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "svd" / "metrics.json").read_text())["history"]) == 2
+
+
+def test_a_resumed_federated_run_repeats_the_uninterrupted_one_and_keeps_every_rounds_history(tmp_path, monkeypatch):
+    """Without obfuscation noise (defense none) a federated run is deterministic: resumed after round 1,
+    rounds 2-3 equal the uninterrupted run's (the clients seed a round by its number in the whole run,
+    not by the resumed server's own count), and round 1 keeps its training metrics."""
+    from veil.federated import server_app
+    from veil.federated.simulation import run_federated
+    from veil.federated.task import FederatedConfig
+
+    config = FederatedConfig(task="digits-lt5", clients=2, rounds=3, defense="none", local_epochs=1, seed=0, train_size=200, eval_size=60)
+    full = run_federated(config, tmp_path / "full", log=lambda s: None)
+    original = server_app.evaluate_on_clients
+
+    def crash_at_round_2(grid, arrays, cfg, server_round):
+        if server_round == 2:
+            raise KeyboardInterrupt
+        return original(grid, arrays, cfg, server_round)
+
+    monkeypatch.setattr(server_app, "evaluate_on_clients", crash_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(config, tmp_path / "part", log=lambda s: None)
+    monkeypatch.setattr(server_app, "evaluate_on_clients", original)
+    resumed = run_federated(config, tmp_path / "part", log=lambda s: None)
+
+    def strip(rounds):
+        return [{k: v for k, v in r.items() if k != "elapsed_seconds"} for r in rounds]
+
+    assert strip(resumed["rounds"]) == strip(full["rounds"])
+    assert all("train_loss" in r for r in resumed["rounds"][1:])

@@ -53,7 +53,8 @@ def _obfuscator(config: FederatedConfig, pid: int, text: str, train) -> Defense:
 def train(msg: Message, context: Context) -> Message:
     """One local round: trusted obfuscation of every record, then untrusted local training."""
     config, pid, text = _setup(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
+    # the round in the whole run (a resumed server restarts its own count; it sends the offset)
+    server_round = int(msg.content["config"].get("server-round", 0)) + int(msg.content["config"].get("round-offset", 0))
     state = msg.content["arrays"].to_torch_state_dict()
     model = new_model(config)
     model_state, _ = unpack(state)

@@ -89,6 +89,7 @@ def run_server(
             rec["attack"] = attack_round(config, replies.pop(local_round), server_round)
             rec["attack_acc"] = rec["attack"]["attack_acc"]
             log(f"[federated] round {server_round}: attack on the engines' records {rec['attack_acc']:.4f} (primary-only floor {rec['attack']['primary_only_floor']:.4f})")
+        rec.update(train_metrics.pop(local_round, {}))  # saved with the round, so a resumed run keeps them
         rec["elapsed_seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         log(f"[federated] round {server_round}/{config.rounds}: " + "  ".join(f"{k} {v:.4f}" for k, v in accs.items()))
@@ -99,23 +100,24 @@ def run_server(
     remaining = config.rounds - max(done, 0)
     strategy = strategy or build_strategy(config)  # a caller may bring its own (lower minimums: veil.federated.deployment)
     replies: dict[int, list[tuple[int, dict]]] = {}  # round -> (node id, state) of each client's reply
-    if config.attack_epochs:
-        aggregate = strategy.aggregate_train
+    train_metrics: dict[int, dict[str, float]] = {}  # round -> the clients' aggregated training metrics
+    aggregate = strategy.aggregate_train
 
-        def keep_replies(local_round: int, msgs):  # what each client's engine worked with, for the attack
-            msgs = list(msgs)
+    def keep_replies(local_round: int, msgs):  # what each client's engine worked with, for the attack
+        msgs = list(msgs)
+        if config.attack_epochs:
             replies[local_round] = [(m.metadata.src_node_id, m.content["arrays"].to_torch_state_dict()) for m in msgs if m.has_content()]
-            return aggregate(local_round, msgs)
+        arrays, metrics = aggregate(local_round, msgs)
+        train_metrics[local_round] = {k: float(v) for k, v in (metrics or {}).items() if k != "num-examples"}
+        return arrays, metrics
 
-        strategy.aggregate_train = keep_replies  # type: ignore[method-assign]
-    train_config = ConfigRecord({"veil-config": config.to_json()})
+    strategy.aggregate_train = keep_replies  # type: ignore[method-assign]
+    # Flower numbers the rounds of this start from 1; the clients seed a round's training by its number
+    # in the whole run, so a resumed run trains round done + 1 as the uninterrupted run did
+    train_config = ConfigRecord({"veil-config": config.to_json(), "round-offset": max(done, 0)})
     if remaining > 0:
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(state), num_rounds=remaining, train_config=train_config, evaluate_fn=evaluate_fn)
         final = result.arrays.to_torch_state_dict()
-        for r, m in result.train_metrics_clientapp.items():
-            for rec in history:
-                if rec["round"] == r + max(done, 0):
-                    rec.update({k: float(v) for k, v in m.items() if k != "num-examples"})
     else:
         final = load_weights(out / "checkpoint.safetensors")
     save_weights(out / "model.safetensors", unpack(final)[0])
