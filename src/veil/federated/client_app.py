@@ -61,8 +61,8 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(model_state)
     train_split, _ = client_data(config, pid)
     if aggregates_obfuscator(config):
-        # trusted side: the global obfuscator trained on this round's trusted fraction, jointly with a
-        # copy of the global model
+        # trusted side: the global obfuscator trained on this round's trusted fraction jointly with the
+        # global model, which the engine then trains further (the model sees only messages in both)
         defense = global_obfuscator(config, state)
         trusted = trusted_records(config, pid, train_split, draw=server_round)
         train_obfuscator(defense, model, trusted, config, seed=config.seed + 7 * server_round + pid)

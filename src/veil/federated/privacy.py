@@ -45,6 +45,7 @@ def attack_round(config: FederatedConfig, replies: list[tuple[int, dict[str, tor
     last = server_round == config.rounds and server_round > 1
     cfg = AttackConfig(
         epochs=config.attack_epochs, patience=max(2, min(6, config.attack_epochs // 3)), train_size=config.attack_size,
+        val_size=None if config.attack_size is None else max(100, config.attack_size // 2),  # early stopping only: the test split scores
         averaging_k=server_round if last else 0, exposures=("training",), seed=config.seed + 101 * server_round, device=config.attack_device,
     )
     clients = []

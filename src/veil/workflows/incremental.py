@@ -21,6 +21,7 @@ def attack_config(config: IncrementalConfig, handed_over: int, *, device: str = 
     n = handed_over if config.attack_size is None else min(handed_over, config.attack_size)
     return AttackConfig(
         epochs=config.attack_epochs, patience=max(2, min(6, config.attack_epochs // 3)), train_size=n, averaging_k=0,
+        val_size=max(100, min(1000, n // 2)),  # early stopping only: the test split scores
         exposures=("training",), seed=config.seed + 4, device=device,
     )
 
