@@ -61,8 +61,10 @@ class MIConfig:
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k!r}")
-        if not 1 <= self.dims <= 256:
-            raise ValueError(f"dims must lie in [1, 256], got {self.dims!r}")
+        if self.dims < 1:
+            raise ValueError(f"dims must be >= 1, got {self.dims!r}")
+        if self.dims > 256:
+            raise ValueError(f"dims must be <= 256, got {self.dims!r}")
         if self.samples <= self.k + 1:
             raise ValueError(f"samples must exceed k + 1 = {self.k + 1}, got {self.samples!r}")
         if self.k > 1000 or self.samples > 1_000_000:

@@ -52,7 +52,7 @@ from veil.training.screening import SCREEN_MODES, Screening
 
 PARTITIONS = ("iid", "noniid")
 #: Bounds on the size options, checked before anything runs (1e9 rounds would never end).
-MAX_CLIENTS, MAX_ROUNDS = 1000, 10_000
+MAX_CLIENTS, MAX_ROUNDS = 10_000, 10_000
 OBFUSCATOR_TRAINING = ("federated", "local")
 #: Key prefixes of the global state that travels: the model's, and (``federated`` obfuscators) the obfuscator's.
 MODEL, OBFUSCATOR = "model.", "obfuscator."
@@ -126,10 +126,11 @@ class FederatedConfig:
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
-        if not 1 <= self.clients <= MAX_CLIENTS:
-            raise ValueError(f"clients must lie in [1, {MAX_CLIENTS}], got {self.clients!r}")
-        if not 1 <= self.rounds <= MAX_ROUNDS:
-            raise ValueError(f"rounds must lie in [1, {MAX_ROUNDS}], got {self.rounds!r}")
+        for name, most in (("clients", MAX_CLIENTS), ("rounds", MAX_ROUNDS)):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+            if getattr(self, name) > most:
+                raise ValueError(f"{name} must be <= {most}, got {getattr(self, name)!r}")
         if self.partition not in PARTITIONS:
             raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {self.partition!r}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
