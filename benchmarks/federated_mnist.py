@@ -106,7 +106,7 @@ def plot(summary: dict, args: argparse.Namespace) -> None:
         if rounds:
             ax[2].plot([h["round"] for h in rounds], [h["attack_acc"] for h in rounds], "o-", label=f"{name}: attack on the engines' records")
             ax[2].plot([h["round"] for h in rounds], [h["attack"]["primary_only_floor"] for h in rounds], "k:", lw=0.8)
-    ax[2].set(title="digit read from what the engines received (dotted: primary-only floor)", xlabel="round", ylabel="attack accuracy", ylim=(0, 1))
+    ax[2].set(title="attack on the engines' records (dotted: floor)", xlabel="round", ylabel="attack accuracy", ylim=(0, 1))
     ax[2].legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(args.out / "accuracy_per_round.png") as tmp:
