@@ -335,6 +335,7 @@ CASES: list[tuple[str, list[str], str, Callable[[Path], None] | None]] = [
     ("export: -o read-only folder", ["export", "{run}", "-o", "{t}/ro/m.npz"], "--out", _readonly("ro")),
     ("export: --force onto a read-only file", ["export", "{run}", "--force", "-o", "{t}/ro.npz"], "read-only", lambda t: ((t / "ro.npz").write_bytes(b"mine"), (t / "ro.npz").chmod(0o444))),
     ("export: metrics a list", ["export", "{run}", "-o", "{t}/m.npz"], "metrics.json", _write("run/metrics.json", "[]")),
+    ("export: -o where the file system refuses", ["export", "{run}", "-o", "/proc/veil-m.npz"], "/proc", None),
     ("export: bad split", ["export", "{run}", "--split", "dev", "-o", "{t}/m.npz"], "split", None),
     ("export: bad mode", ["export", "{run}", "--mode", "both", "-o", "{t}/m.npz"], "mode", None),
     ("export: negative noise seed", ["export", "{run}", "--reproducible-noise", "-1", "-o", "{t}/m.npz"], "--reproducible-noise", None),

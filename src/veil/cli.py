@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -14,19 +15,24 @@ from typer.core import TyperGroup
 
 
 class _OneLineErrors(TyperGroup):
-    """Click's usage errors (a bad or missing option, an unknown command) as one line naming the option,
-    exit code 2, like every other error of veil, instead of a usage block and a box."""
+    """Click's usage errors (a bad or missing option, an unknown command) and the file system's refusals
+    (permissions, a full disk, a read-only mount) as one line naming the option or file, exit code 2, like
+    every other error of veil, instead of a usage block or a traceback."""
 
     def invoke(self, ctx: click.Context):  # noqa: D102
+        from veil.cli_common import fail
+
         try:
             return super().invoke(ctx)
         except click.UsageError as err:
             if isinstance(err, click.exceptions.NoArgsIsHelpError):
                 raise
             where = err.ctx.command_path if err.ctx is not None else ctx.command_path
-            from veil.cli_common import fail
-
             fail(ValueError(f"{where}: {err.format_message()} (see '{where} --help')"))
+        except OSError as err:
+            if err.errno == errno.EPIPE:  # click's own handling of a closed pipe
+                raise
+            fail(err)
 
 
 app = typer.Typer(
