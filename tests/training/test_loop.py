@@ -128,7 +128,7 @@ def test_proximal_term_holds_the_model_near_its_start():
         model = _small_model()
         w0 = [p.detach().clone() for p in model.parameters()]
         fit(None, model, Messages(x, y), TrainConfig(epochs=3, batch_size=32, lr=1e-2), proximal_mu=mu, log=lambda s: None)
-        drift[mu] = sum(float(((p - a) ** 2).sum()) for p, a in zip(model.parameters(), w0))
+        drift[mu] = sum(float(((p.detach() - a) ** 2).sum()) for p, a in zip(model.parameters(), w0))
     assert drift[100.0] < drift[0.0] / 10, drift
 
 

@@ -177,7 +177,7 @@ def config_from_run_config(run_config: dict[str, Any]) -> tuple[FederatedConfig,
             raise ValueError(f"unknown run-config key {key!r}; valid: out, {', '.join(sorted(k.replace('_', '-') for k in fields))}")
         if name == "defense_options":
             value = json.loads(value) if value else {}
-        elif name in ("knob", "obfuscator", "train_size", "eval_size") and value in ("", 0):
+        elif name in ("knob", "obfuscator", "train_size", "eval_size", "attack_size") and value in ("", 0):
             value = None
         kw[name] = value
     return FederatedConfig(**kw), out
