@@ -13,6 +13,11 @@ For p = start, start + step, ... (percent of the training split available in the
    a random part screened (hidden, set to 0) so the network cannot lean on SL-p's bias (§4.1).
 5. If NN'-p's validation accuracy misses the target, p grows by ``step`` and the loop repeats.
 
+NN-p and NN'-p train in the one loop on what their engine is handed (:func:`veil.training.loop.fit` on
+:class:`~veil.training.loop.Messages`, screening as its option); SL-p in the same loop on clean records.
+The privacy of each hand-over is measured by the ``attack`` given to :func:`run_incremental`
+(:mod:`veil.workflows.incremental` passes the retrained attackers; this module imports no evaluation code).
+
 A run folder holds ``config.json``, ``state.json`` (written atomically after each finished p; a rerun
 resumes after the last one), ``steps/pNNN/*.safetensors``, and at the end ``incremental.json``,
 ``accuracy_vs_p.png``, ``model.safetensors`` (last NN'-p) and ``obfuscator.safetensors`` (last SL-p).
