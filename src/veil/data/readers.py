@@ -115,6 +115,8 @@ def _find(directory: Path, stem: str) -> Path:
 
 def load_idx_dir(directory: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """An IDX folder with the MNIST file names: {'train','test'} -> (images (N,1,H,W) in [0,1], labels)."""
+    if not str(directory).strip():
+        raise DatasetMissingError("idx:DIR needs the folder of the IDX files after 'idx:'")
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetMissingError(f"{directory}: no such folder")
@@ -181,6 +183,8 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     numbers), so a hostile file gives one ``ValueError`` naming it instead of a traceback or a huge
     allocation.
     """
+    if not str(path).strip():
+        raise DatasetMissingError("npz:PATH needs the path of an .npz file after 'npz:'")
     path = Path(path)
     if not path.is_file():
         raise DatasetMissingError(f"{path}: no such file")

@@ -89,6 +89,7 @@ def evaluate_run(
     train_cfg, task, defense, model = load_run(run, task=task)
     metrics = read_json(run / "metrics.json")
     check_result_files(run, [PRIVACY_FILE, RECONSTRUCTION_FILE])  # before the attacks, not after them
+    config.attack.torch_device()  # a device that is not there is named before any work
     seed_everything(config.attack.seed)
     measured = evaluate_primary(defense, model, task)  # measured now, on the weights being attacked
     t0 = time.time()

@@ -81,6 +81,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.lr > 10:  # Adam moves each weight by about lr per step: 1e30 gives a silently broken model
+            raise ValueError(f"lr must be a positive number of at most 10, got {self.lr}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.knob is not None and not math.isfinite(self.knob):

@@ -11,6 +11,7 @@ A run folder holds::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -172,6 +173,7 @@ def train_run(
     # the first file is written: a bad command leaves no config.json behind to block the corrected one
     task, defense, model = build(config, task)
     data = fingerprint(config.task)
+    fresh, created = not (out / "config.json").exists(), not out.exists()
     done = out / "metrics.json"
     if done.is_file() and (out / "config.json").is_file() and config_matches(config, read_json(out / "config.json")):
         check_data_unchanged(config.task, data, read_json(done).get("data_sha256"), out)  # before "already finished"
@@ -189,11 +191,21 @@ def train_run(
         log(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
 
     def checkpoint(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
+        check_finite_weights(defense, model)  # a diverged epoch is never saved
         history.append(rec)
         save_checkpoint(ckpt, defense, model, opt, {"stage": si, "epoch": next_epoch, "history": history, "config": config.to_dict(), "data_sha256": data})
 
     t0 = time.time()
-    fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log)
+    try:
+        fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log)
+        check_finite_weights(defense, model)
+    except BaseException:
+        if fresh and not ckpt.exists():  # failed before its first checkpoint: nothing to resume, leave nothing
+            (out / "config.json").unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
     metrics = evaluate_primary(defense, model, task)
     metrics.update(client_cost(defense, model))
     metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "train_seconds": round(time.time() - t0, 2), "history": history})
@@ -205,6 +217,14 @@ def train_run(
     write_json(out / "metrics.json", metrics)
     ckpt.unlink(missing_ok=True)
     return metrics
+
+
+def check_finite_weights(defense: Defense, model: nn.Module) -> None:
+    """``FloatingPointError`` if training left NaN or infinite weights (a step can break them after the
+    last finite loss); such weights are never saved, reported or exported."""
+    bad = [k for k, v in _state(defense, model).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"training diverged: the weights hold NaN or infinite values ({', '.join(bad[:3])}); lower --lr or the knob")
 
 
 #: The one checkpoint file of a run folder: weights, optimizer state, progress and random state together,
