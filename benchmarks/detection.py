@@ -30,80 +30,83 @@ def run_config(name: str, args: argparse.Namespace):
     common = dict(task=args.task, epochs=args.epochs, train_size=args.train_size, seed=args.seed)
     if name in ("none", "local"):
         return DetectionConfig(defense=name, client_budget=args.budget if name == "local" else None, **common)
+    if name.startswith("closed:"):  # the content channel starting closed (init_gain 0)
+        return DetectionConfig(defense="scnl-detect", knob=float(name[7:]), defense_options={"init_gain": 0.0}, client_budget=args.budget, **common)
     return DetectionConfig(defense="scnl-detect", knob=float(name), client_budget=args.budget, **common)
 
 
-def _median_time(fn, reps: int = 15) -> float:
+def _interleaved(fns: dict, reps: int) -> dict:
+    """Median seconds of each function, the reps of all of them interleaved (a shared machine's load
+    then hits every setting alike)."""
     import statistics
     import time
 
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = {k: [] for k in fns}
+    for r in range(reps + 2):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= 2:  # warm-up
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def layer_cost() -> None:
-    """Forward + backward time of SCNL hard selection against the number of classes C (1 thread):
-    per-pixel (region) hard selection of the detection layer on 96x96 scenes with 3 objects, batch 16,
-    flat path (only the classes present) against the all-C formula; and record-level hard selection of
-    SCNLLinear(512, 256) and SCNLConv2d(1, 8, 3) at batch 128 (the classification cost item)."""
+    """Forward + backward time of SCNL hard selection against the number of classes C (1 thread, reps
+    interleaved across C): per-pixel (region) hard selection of the detection layer on 96x96 scenes with 3
+    objects, batch 16, from a region map (only the classes present) and, for reference, by the all-C
+    formula; and record-level hard selection of SCNLLinear(512, 256) and SCNLConv2d(1, 8, 3) at batch 128
+    (the classification cost item)."""
     import torch
-    from torch.nn import functional as F
 
     from veil.layers import SCNLConv2d, SCNLLinear
 
     torch.set_num_threads(1)
     rows = []
+    classes = (2, 10, 80)
     regions = torch.zeros(16, 96, 96, dtype=torch.long)
     regions[:, 10:30, 10:30], regions[:, 50:90, 40:80], regions[:, 60:80, 5:25] = 1, 2, 1
+    x = torch.rand(16, 1, 96, 96)
+
+    def step(layer, *args, **kwargs):
+        def fn() -> None:
+            layer.zero_grad(set_to_none=True)
+            layer.raw(*args, **kwargs).square().mean().backward()
+        return fn
+
     for k in (1, 3):
-        for c in (2, 10, 80):
-            torch.manual_seed(0)
-            layer = SCNLConv2d(1, 1, k, c + 1)
-            x = torch.rand(16, 1, 96, 96)
-            mask = F.one_hot(regions.clamp(max=c), c + 1).permute(0, 3, 1, 2).float()
-
-            def flat() -> None:
-                layer.zero_grad(set_to_none=True)
-                layer.raw(x, regions.clamp(max=c)).square().mean().backward()
-
-            def dense() -> None:
-                layer.zero_grad(set_to_none=True)
-                layer.raw(x, pi=mask.unsqueeze(2)).square().mean().backward()
-
-            rows.append({"item": f"region conv {k}x{k}, 96x96, batch 16", "classes": c, "flat_s": _median_time(flat), "all_classes_s": _median_time(dense)})
+        torch.manual_seed(0)
+        layers = {c: SCNLConv2d(1, 1, k, c + 1) for c in classes}
+        flat = _interleaved({c: step(layers[c], x, regions) for c in classes}, 15)
+        pis = {c: torch.nn.functional.one_hot(regions, c + 1).permute(0, 3, 1, 2).float().unsqueeze(2) for c in classes}
+        dense = _interleaved({c: step(layers[c], x, pi=pis[c]) for c in classes}, 3)
+        for c in classes:
+            rows.append({"item": f"region conv {k}x{k}, 96x96, batch 16", "classes": c, "seconds": flat[c], "all_classes_seconds": dense[c]})
             print(rows[-1], file=sys.stderr, flush=True)
     for kind in ("linear 512->256, batch 128", "conv 1->8 3x3 28x28, batch 128"):
-        for c in (2, 10, 80, 100):
-            torch.manual_seed(0)
-            layer = SCNLLinear(512, 256, c) if kind.startswith("linear") else SCNLConv2d(1, 8, 3, c)
-            x = torch.rand(128, 512) if kind.startswith("linear") else torch.rand(128, 1, 28, 28)
-            y = torch.randint(0, c, (128,))
-
-            def hard() -> None:
-                layer.zero_grad(set_to_none=True)
-                layer(x, y).square().mean().backward()
-
-            rows.append({"item": f"hard selection {kind}", "classes": c, "flat_s": _median_time(hard)})
+        torch.manual_seed(0)
+        cs = (2, 10, 80, 100)
+        lin = kind.startswith("linear")
+        layers = {c: SCNLLinear(512, 256, c) if lin else SCNLConv2d(1, 8, 3, c) for c in cs}
+        xb = torch.rand(128, 512) if lin else torch.rand(128, 1, 28, 28)
+        ys = {c: torch.randint(0, c, (128,)) for c in cs}
+        t = _interleaved({c: step(layers[c], xb, ys[c]) for c in cs}, 15)
+        for c in cs:
+            rows.append({"item": f"hard selection {kind}", "classes": c, "seconds": t[c]})
             print(rows[-1], file=sys.stderr, flush=True)
     for r in rows:
-        base = next(b["flat_s"] for b in rows if b["item"] == r["item"] and b["classes"] == 2)
-        r["ratio_to_C2"] = r["flat_s"] / base
-        if "all_classes_s" in r:
-            r["all_classes_ratio_to_C2"] = r["all_classes_s"] / next(b["all_classes_s"] for b in rows if b["item"] == r["item"] and b["classes"] == 2)
-    write_json(OUT / "layer_cost.json", {"command": " ".join(sys.argv), "note": "1 thread on a shared 2-core CPU; compare ratios within this file", "rows": rows})
+        base = next(b for b in rows if b["item"] == r["item"] and b["classes"] == 2)
+        r["ratio_to_C2"] = r["seconds"] / base["seconds"]
+        if "all_classes_seconds" in r:
+            r["all_classes_ratio_to_C2"] = r["all_classes_seconds"] / base["all_classes_seconds"]
+    write_json(OUT / "layer_cost.json", {"command": " ".join(sys.argv), "note": "1 thread on a shared 2-core CPU, reps interleaved across C; compare ratios within this file", "rows": rows})
     write_csv(OUT / "layer_cost.csv", rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("train", "evaluate", "table", "cost"))
-    p.add_argument("--runs", default="none,local,0.3,1,3,10", help="none, local, or scnl-detect knob values")
+    p.add_argument("--runs", default="none,local,0.3,1,3,10,closed:1", help="none, local, scnl-detect knob values, or closed:KNOB (init_gain 0)")
     p.add_argument("--task", default="mnist-scenes")
     p.add_argument("--train-size", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=6)

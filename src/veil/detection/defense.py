@@ -73,6 +73,9 @@ class SCNLDetect(Defense):
         init_scale: Initial noise scale. bound, min_scale: the distribution's mean bound and least scale.
         lr_scale: The client layers learn this many times faster than the server model.
         sharpen: At inference without regions, each pixel takes its argmax region.
+        init_gain: Initial gain of the content channel of every region (1: the message starts as the scene
+            plus noise; 0: as the regions' templates plus noise, the content channel closed, so that what
+            the engine reads of an object's content is what the task paid for against the KL).
     """
 
     name: ClassVar[str] = "scnl-detect"
@@ -98,6 +101,7 @@ class SCNLDetect(Defense):
         min_scale: float = 0.01,
         lr_scale: float = 5.0,
         sharpen: bool = True,
+        init_gain: float = 1.0,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
@@ -116,11 +120,13 @@ class SCNLDetect(Defense):
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
         if not isinstance(sharpen, bool):
             raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
+        if not (isinstance(init_gain, (int, float)) and math.isfinite(init_gain) and 0 <= init_gain <= 10):
+            raise ValueError(f"init_gain must be a number in [0, 10], got {init_gain!r}")
         self.options = dict(
             lambda_=float(lambda_), selector_width=int(selector_width), hard_fraction=float(hard_fraction),
             selector_weight=float(selector_weight), object_weight=float(object_weight), kernel_size=int(kernel_size),
             out_channels=int(out_channels), init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
-            lr_scale=float(lr_scale), sharpen=sharpen,
+            lr_scale=float(lr_scale), sharpen=sharpen, init_gain=float(init_gain),
         )
         self.lambda_ = float(lambda_)
         self.regions = self.num_classes + 1  # background + one per primary class
@@ -134,6 +140,9 @@ class SCNLDetect(Defense):
             cin, self.out_channels, int(kernel_size), self.regions, init="identity" if self.out_channels == cin and not probe else "default",
             init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
         )
+        if float(init_gain) != 1.0 and not probe:
+            with torch.no_grad():
+                layer.weight[:, layer._channels(0)] *= float(init_gain)  # the mean maps' kernels
         layer.selector = RegionSelector(cin, self.regions, int(selector_width))
         self.layer = layer if probe else scale_learning_rate(layer, float(lr_scale))  # same parameter count
         self._last_penalty: torch.Tensor | None = None
