@@ -323,6 +323,9 @@ def load_run(run: str | Path, *, task: Task | None = None) -> tuple[TrainConfig,
     run = Path(run)
     if not (run / "config.json").exists():
         raise FileNotFoundError(f"{run}: not a run folder (no config.json)")
+    for marker, what in (("federated.json", "federated"), ("rounds.json", "federated"), ("incremental.json", "incremental"), ("state.json", "incremental")):
+        if (run / marker).exists() and not (run / "metrics.json").exists():
+            raise ValueError(f"{run}: a {what} run folder ({marker}), not a 'veil train' run; export and evaluate read runs of 'veil train'")
     if not (run / "metrics.json").exists():
         raise FileNotFoundError(f"{run}: run has not finished (no metrics.json); rerun 'veil train' with the same --out to resume")
     raw, metrics = read_json(run / "config.json"), read_json(run / "metrics.json")
