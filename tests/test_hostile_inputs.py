@@ -671,6 +671,10 @@ def test_data_replaced_after_training_is_refused_at_resume_rerun_export_and_eval
     assert_one_line_error(argv, tmp_path, "data changed")  # "already finished" before
     assert_one_line_error(["export", str(tmp_path / "run"), "-o", str(tmp_path / "m.npz")], tmp_path, "d.npz")
     assert_one_line_error(["evaluate", str(tmp_path / "run"), *EVAL], tmp_path, "d.npz")
+    sweep = ["sweep", "-t", f"npz:{data}", "-d", "gaussian", "--lambdas", "0.5", "-e", "2", "--train-size", "60", *EVAL, "-o", str(tmp_path / "s")]
+    assert _invoke(sweep).exit_code == 0
+    _digits_npz(data, seed=2)
+    assert_one_line_error(sweep, tmp_path, "data changed")  # not "already evaluated, skipped"
 
 
 def test_evaluate_measures_primary_accuracy_and_drops_a_stale_reconstruction(finished_run, tmp_path):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from veil.data.readers import fingerprint
 from veil.data.tasks import Task, load_task
 from veil.defenses import defense_class
 from veil.evaluation.attack import AttackConfig, attribute_attack
@@ -24,7 +25,7 @@ from veil.evaluation.reconstruction import ReconstructionConfig, reconstruction_
 from veil.io import read_json, write_json
 from veil.noise import seed_everything
 from veil.training.loop import TrainConfig
-from veil.training.run import build, check_output_folder, config_matches, evaluate_primary, load_run, train_run
+from veil.training.run import build, check_data_unchanged, check_output_folder, config_matches, evaluate_primary, load_run, train_run
 
 PRIVACY_FILE = "privacy.json"
 RECONSTRUCTION_FILE = "reconstruction.png"
@@ -189,6 +190,11 @@ def sweep(
     loaded: Task = data if data is not None else load_task(task, seed=configs[0].seed, train_size=configs[0].train_size)
     for config in configs:
         build(config, loaded)
+    data = fingerprint(task)
+    for knob in values:  # finished runs whose npz:/idx: data was replaced since are named, not skipped
+        metrics = run_dir(out, defense, knob) / "metrics.json"
+        if metrics.is_file():
+            check_data_unchanged(task, data, read_json(metrics).get("data_sha256"), metrics.parent)
     results = []
     for i, (knob, config) in enumerate(zip(values, configs)):
         folder = run_dir(out, defense, knob)
