@@ -129,7 +129,7 @@ def main() -> None:
         from veil.detection.attack import ObjectAttackConfig, evaluate_detection
 
         for name in runs:
-            evaluate_detection(OUT / "runs" / name, ObjectAttackConfig(attackers=tuple(args.attackers.split(",")), epochs=args.attack_epochs, train_scenes=args.attack_scenes, crop=args.crop, views=2, recon_epochs=4), png=OUT / f"{name}.png")
+            evaluate_detection(OUT / "runs" / name, ObjectAttackConfig(attackers=tuple(args.attackers.split(",")), epochs=args.attack_epochs, train_scenes=args.attack_scenes, crop=args.crop, views=2, recon_epochs=4), png=OUT / f"{name.replace(':', '-')}.png")
     rows = []
     for name in runs:
         run = OUT / "runs" / name
