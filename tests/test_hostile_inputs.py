@@ -735,3 +735,45 @@ def test_a_resumed_federated_run_repeats_the_uninterrupted_one_and_keeps_every_r
 
     assert strip(resumed["rounds"]) == strip(full["rounds"])
     assert all("train_loss" in r for r in resumed["rounds"][1:])
+
+
+# ------------------------------------------------------------------------- every number option, generated
+_EVAL_ON = [*EVAL, "--recon-epochs", "1", "--mi-dims", "2", "--mi-samples", "50"]  # every stage on, so its options count
+_BASE = {
+    "train": ["train", *TINY, "-o", "{t}/r"],
+    "sweep": ["sweep", "-d", "gaussian", *TINY, *_EVAL_ON, "-o", "{t}/s"],
+    "federated": ["federated", *FED, "--rounds", "1", "-o", "{t}/f"],
+    "incremental": ["incremental", *INC, "-o", "{t}/i"],
+    "evaluate": ["evaluate", "{run}", *_EVAL_ON],
+    "export": ["export", "{run}", "-o", "{t}/m.npz"],
+}
+
+
+#: Int options whose every value past 2^63 is wrong (a count of work, a seed); the others (a record count
+#: such as --train-size, a patience) read a huge value as "all" or "never", which is fine.
+_BOUNDED_INTS = ("epochs", "rounds", "clients", "seed", "noise", "views", "width", "dims", "samples", "averaging", "--mi-k")
+
+
+def _number_options() -> list[tuple[str, str, str]]:
+    """(command, option, value) for every float option of every command, with NaN and infinities, and
+    every bounded int option with a value past 2^63 (read from the commands themselves, so new options
+    are in)."""
+    import click
+
+    out = []
+    for name in _BASE:
+        for p in CLI.commands[name].params:  # type: ignore[attr-defined]
+            if not isinstance(p, click.Option) or not p.opts[0].startswith("--"):
+                continue
+            if isinstance(p.type, click.types.FloatParamType):
+                out += [(name, p.opts[0], v) for v in ("nan", "inf", "-inf")]
+            elif isinstance(p.type, click.types.IntParamType) and any(w in p.opts[0] for w in _BOUNDED_INTS):
+                out.append((name, p.opts[0], str(2**64)))
+    return out
+
+
+@pytest.mark.parametrize("command,option,value", _number_options(), ids=lambda v: str(v))
+def test_every_number_option_refuses_nan_infinity_and_overflow(command, option, value, finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "run")
+    argv = [_fill(a, tmp_path) for a in _BASE[command]] + [option, value]
+    assert_one_line_error(argv, tmp_path)

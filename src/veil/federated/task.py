@@ -46,7 +46,7 @@ from veil.io import load_obfuscator
 from veil.models import create_model
 from veil.noise import check_seed, seed_everything
 from veil.training.incremental import default_defense
-from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
+from veil.training.loop import MAX_EPOCHS, Messages, TrainConfig, fit, model_accuracy
 from veil.training.run import obfuscate
 from veil.training.screening import SCREEN_MODES, Screening
 
@@ -146,6 +146,9 @@ class FederatedConfig:
         for name in ("obfuscator_epochs", "local_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("obfuscator_epochs", "local_epochs", "attack_epochs"):
+            if getattr(self, name) > MAX_EPOCHS:
+                raise ValueError(f"{name} must be <= {MAX_EPOCHS}, got {getattr(self, name)!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (math.isfinite(self.proximal_mu) and math.isfinite(self.server_lr)) or self.proximal_mu < 0 or self.server_lr <= 0:

@@ -43,7 +43,7 @@ from veil.defenses import Defense, create_defense, defense_class, list_defenses,
 from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
 from veil.models import create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, check_seed, seed_everything
-from veil.training.loop import Messages, TrainConfig, fit, model_accuracy
+from veil.training.loop import MAX_EPOCHS, Messages, TrainConfig, fit, model_accuracy
 from veil.training.run import check_output_folder, obfuscate, open_run_folder
 from veil.training.screening import SCREEN_MODES, Screening
 
@@ -139,6 +139,9 @@ class IncrementalConfig:
         for name in ("clean_epochs", "obfuscator_epochs", "resume_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("clean_epochs", "obfuscator_epochs", "resume_epochs", "attack_epochs"):
+            if getattr(self, name) > MAX_EPOCHS:
+                raise ValueError(f"{name} must be <= {MAX_EPOCHS}, got {getattr(self, name)!r}")
         if self.attack_epochs < 0:
             raise ValueError(f"attack_epochs must be >= 0, got {self.attack_epochs!r}")
         if self.attack_size is not None and self.attack_size < 10:
@@ -147,7 +150,7 @@ class IncrementalConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if self.eval_size is not None and self.eval_size < 1:
             raise ValueError(f"eval_size must be >= 1, got {self.eval_size!r}")
-        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) or self.noise_seed < 0):
+        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int) or not 0 <= self.noise_seed < 2**63):
             raise ValueError(f"noise_seed must be a non-negative integer or None, got {self.noise_seed!r}")
         defense_class(self.defense)  # unknown name -> ValueError listing the valid ones
 

@@ -23,6 +23,9 @@ from torch.nn import functional as F
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense, Recipe, Stage
 from veil.noise import check_seed
+
+#: Most epochs any training may ask for: a typo such as 10000000000 would otherwise run for ever.
+MAX_EPOCHS = 10_000
 from veil.training.screening import Screening
 
 
@@ -77,6 +80,8 @@ class TrainConfig:
         check_seed(self.seed)
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"epochs must be <= {MAX_EPOCHS}, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

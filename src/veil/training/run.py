@@ -456,7 +456,7 @@ def export_run(
     """
     if mode not in EXPOSURES:
         raise ValueError(f"unknown mode {mode!r}; valid: {', '.join(EXPOSURES)}")
-    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or noise_seed < 0):
+    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, int) or not 0 <= noise_seed < 2**63):
         raise ValueError(f"noise_seed must be a non-negative integer or None, got {noise_seed!r}")
     targets = [Path(out), *([labels_path(out)] if with_labels else [])]
     for target in targets:
