@@ -102,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--shard", default="1/1", metavar="I/N", help="run only the I-th of N interleaved parts of the run list (default 1/1)")
     p.add_argument("--report-only", action="store_true", help="only write the tables and the plot from the runs in OUT")
+    p.add_argument("--made-by", default="", help="with --report-only: how the runs were made (commands, machines), written into OUT/README.md")
     return p.parse_args(argv)
 
 
@@ -332,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/frontier.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     s = headline.settings(args)
     if args.report_only:
+        shard_files = sorted(out.glob("shard-*-of-*.json"))
+        if shard_files:  # the commands that made the runs, not this report-only one
+            made = sorted({read_json(f).get("command", "") for f in shard_files} - {""})
+            command = "\n".join(made) + f"\n(report: {command})"
+        if args.made_by:
+            command = f"{args.made_by}\n(report: {command})"
         info = write_report(out, command, s)
         print(summary_markdown(info["summary"]))
         return 0

@@ -1,0 +1,59 @@
+"""benchmarks/frontier.py: the run plan (most telling runs first, region defenses only on masked tasks), the
+gap-closed summary computed from its definition, and a smoke run on digits-lt5 that writes the table, the plot
+and resumes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "frontier.py"
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    spec = importlib.util.spec_from_file_location("frontier_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["frontier_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plan_puts_the_one_percent_core_first_and_skips_region_defenses_without_masks(frontier):
+    runs = frontier.plan(frontier.parse_args(["--tasks", "digits-lt5,digits-tag", "--budgets", "0.03,0.01", "--defenses", "none,local,scnl-region,ani"]))
+    assert runs[:2] == [("digits-lt5", None, "none", None), ("digits-tag", None, "none", None)]
+    assert [r[1] for r in runs[2:]] == sorted((r[1] for r in runs[2:]), key=lambda b: b != 0.01)  # 1% before 3%
+    assert not any(r[0] == "digits-lt5" and r[2] == "scnl-region" for r in runs)
+    assert any(r[0] == "digits-tag" and r[2] == "scnl-region" for r in runs)
+
+
+def test_summary_picks_veils_best_hidden_defense_and_the_gap_it_closes(frontier):
+    def row(defense, knob, primary, attack, budget=0.01):
+        return {"task": "t", "budget": None if defense == "none" else budget, "defense": defense, "knob_value": knob,
+                "primary_acc": primary, "best_attack": attack, "primary_only_floor": 0.2, "client_flops_share": 0.009}
+
+    rows = [
+        row("none", None, 0.99, 0.98),
+        row("local", None, 0.95, 0.21),
+        row("scnl", 1.0, 0.98, 0.60),  # best primary, but leaks: not counted
+        row("scnl-private", 10.0, 0.97, 0.24),  # within floor + 0.05
+        row("ani", 3e-5, 0.985, 0.23),  # a peer within the margin: reported apart from veil
+    ]
+    (s,) = frontier.summarise(rows)
+    assert s["veil_best"] == "scnl-private 10" and s["peer_best"] == "ani 3e-05"
+    assert s["gap_closed"] == pytest.approx((0.97 - 0.95) / (0.99 - 0.95))
+    assert frontier.best_attack({"attack_acc": 0.3, "attack_acc_training": 0.5, "attack_acc_training_time": None, "averaging_attack_acc": 0.4}) == 0.5
+
+
+def test_frontier_smoke_run_writes_table_plot_and_resumes(frontier, tmp_path):
+    args = ["--tiny", "--tasks", "digits-lt5", "--budgets", "0.03", "--defenses", "none,local", "--attackers", "linear", "--no-extras", "--out", str(tmp_path)]
+    assert frontier.main(args) == 0
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    lines = (tmp_path / "frontier.csv").read_text().splitlines()
+    assert len(lines) == 1 + 2 and "local" in lines[2]
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("privacy.json")}
+    assert frontier.main(args) == 0  # finished runs are skipped
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("privacy.json")} == before
