@@ -32,34 +32,13 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.scnl import SCNLAdditive, scale_learning_rate
+from veil.layers.selection import PixelSelection
 
 REGIONS = 2  # content, sensitive
-
-
-class PixelSelector(nn.Module):
-    """Per-pixel region selector: (B, C, H, W) -> region logits (B, REGIONS, H, W).
-
-    Two stride-2 convolutions and a dilated one see about 30 pixels of context at a quarter of the
-    resolution (a region is recognised from its surroundings, not from one pixel, and the cost stays near
-    1-2% of a small server CNN); the logits are upsampled bilinearly to the record's size.
-    """
-
-    def __init__(self, in_channels: int, width: int = 8) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
-            nn.Conv2d(width, REGIONS, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class SCNLRegion(Defense):
@@ -126,7 +105,7 @@ class SCNLRegion(Defense):
         layer = SCNLAdditive(self.input_shape, REGIONS, "gaussian", init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale))
         with torch.no_grad():
             layer.gain[1].zero_()  # the sensitive region starts closed
-        layer.selector = PixelSelector(self.input_shape[0], int(selector_width))
+        layer.selector = PixelSelection(self.input_shape[0], REGIONS, int(selector_width))
         self.layer = scale_learning_rate(layer, float(lr_scale))
         self._last_penalty: torch.Tensor | None = None
 

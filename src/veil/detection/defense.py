@@ -32,31 +32,11 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.scnl import SCNLConv2d, scale_learning_rate
-
-
-class RegionSelector(nn.Module):
-    """Per-pixel region selector: (B, C, H, W) -> logits (B, R, H, W).
-
-    Two stride-2 convolutions and a dilated one (about 30 pixels of context at a quarter of the
-    resolution; an object's extent is recognised from its surroundings), logits upsampled bilinearly.
-    """
-
-    def __init__(self, in_channels: int, regions: int, width: int = 4) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=2, dilation=2), nn.ReLU(),
-            nn.Conv2d(width, regions, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+from veil.layers.selection import PixelSelection
 
 
 class SCNLDetect(Defense):
@@ -143,7 +123,7 @@ class SCNLDetect(Defense):
         if float(init_gain) != 1.0 and not probe:
             with torch.no_grad():
                 layer.weight[:, layer._channels(0)] *= float(init_gain)  # the mean maps' kernels
-        layer.selector = RegionSelector(cin, self.regions, int(selector_width))
+        layer.selector = PixelSelection(cin, self.regions, int(selector_width))
         self.layer = layer if probe else scale_learning_rate(layer, float(lr_scale))  # same parameter count
         self._last_penalty: torch.Tensor | None = None
 
