@@ -122,6 +122,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--defenses", default="all", help="comma-separated defenses, or 'all' (every registered one)")
     p.add_argument("--knobs", action="append", default=[], metavar="DEFENSE=V1,V2", help="override a defense's knob values (repeatable)")
     p.add_argument("--out", default="benchmarks/results/headline", help="output folder")
+    add_size_args(p)
+    return p.parse_args(argv)
+
+
+def add_size_args(p: argparse.ArgumentParser) -> None:
+    """The options that size a comparison's runs and attackers (shared with benchmarks/frontier.py)."""
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (minutes, not a result)")
     p.add_argument("--cpu", action="store_true", help="reduced sizes for a 2-core CPU (3000 records, 4 epochs; same attackers)")
     p.add_argument("--train-size", type=int, help="training records per run (default 8000)")
@@ -133,7 +139,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="where the attackers train: cpu, cuda or auto (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="training and evaluation seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine; 2 on an idle 2-core one)")
-    return p.parse_args(argv)
 
 
 def settings(args: argparse.Namespace) -> dict:
