@@ -125,13 +125,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float | None, str, float |
     budgets = parse_budgets(args.budgets)
     names = [d.strip() for d in args.defenses.split(",") if d.strip()]
     defenses = [d for d in names if d != "none"]
-    knobs = {k: list(v) for k, v in KNOBS.items()}
-    for item in args.knobs:
-        if "=" not in item:
-            raise ValueError(f"--knobs takes DEFENSE=V1,V2, got {item!r}")
-        name, values = item.split("=", 1)
-        defense_class(name)
-        knobs[name] = headline.parse_knobs(values)
+    knobs = headline.knob_ranges(KNOBS, args.knobs)
     for d in defenses:
         defense_class(d)  # a clear error listing the valid names (one without a client network must fit as it is)
     runs: list[tuple[str, float | None, str, float | None]] = []

@@ -173,13 +173,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, float | None]]:
         defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
         for d in defenses:
             defense_class(d)  # a clear error listing the valid names
-    knobs = {k: list(v) for k, v in KNOBS.items()}
-    for item in args.knobs:
-        if "=" not in item:
-            raise ValueError(f"--knobs takes DEFENSE=V1,V2, got {item!r}")
-        name, values = item.split("=", 1)
-        defense_class(name)
-        knobs[name] = parse_knobs(values)
+    knobs = knob_ranges(KNOBS, args.knobs)
     runs = []
     for task in tasks:
         for d in defenses:
@@ -194,6 +188,18 @@ def plan(args: argparse.Namespace) -> list[tuple[str, str, float | None]]:
                 continue
             runs += [(task, d, k) for k in values]
     return runs
+
+
+def knob_ranges(base: dict[str, list[float | None]], overrides: list[str]) -> dict[str, list[float | None]]:
+    """``base`` with each ``--knobs DEFENSE=V1,V2`` override applied (defense names checked)."""
+    knobs = {k: list(v) for k, v in base.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--knobs takes DEFENSE=V1,V2, got {item!r}")
+        name, values = item.split("=", 1)
+        defense_class(name)
+        knobs[name] = parse_knobs(values)
+    return knobs
 
 
 def main(argv: list[str] | None = None) -> int:
