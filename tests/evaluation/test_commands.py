@@ -124,3 +124,31 @@ def test_knob_lists_refuse_duplicates_and_non_finite_values():
     for text, words in (("0,-0", "twice"), ("1,1.0", "twice"), ("nan", "finite"), ("1,inf", "finite"), ("a", "numbers")):
         with pytest.raises(ValueError, match=words):
             parse_knobs(text)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sweep"])
+def test_evaluation_option_defaults_are_the_config_defaults(command):
+    """The attack, reconstruction and MI options show the defaults written in their config dataclasses."""
+    import dataclasses
+
+    import typer
+
+    from veil.cli import app
+    from veil.evaluation.attack import AttackConfig
+    from veil.evaluation.mutual_information import MIConfig
+    from veil.evaluation.reconstruction import ReconstructionConfig
+
+    fields = {
+        "attack_epochs": (AttackConfig, "epochs"), "patience": (AttackConfig, "patience"), "attack_train_size": (AttackConfig, "train_size"),
+        "attack_test_size": (AttackConfig, "test_size"), "attack_width": (AttackConfig, "width"), "attackers": (AttackConfig, "attackers"),
+        "views": (AttackConfig, "views"), "averaging_k": (AttackConfig, "averaging_k"), "exposures": (AttackConfig, "exposures"),
+        "eval_seed": (AttackConfig, "seed"), "attack_device": (AttackConfig, "device"), "recon_epochs": (ReconstructionConfig, "epochs"),
+        "recon_width": (ReconstructionConfig, "width"), "mi_dims": (MIConfig, "dims"), "mi_k": (MIConfig, "k"), "mi_samples": (MIConfig, "samples"),
+    }
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    for name, (cls, field) in fields.items():
+        f = {f.name: f for f in dataclasses.fields(cls)}[field]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, tuple):  # comma-separated on the command line
+            default = ",".join(default)
+        assert params[name].default == default, (command, name, params[name].default, default)

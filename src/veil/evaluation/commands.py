@@ -1,6 +1,7 @@
 """CLI commands ``veil evaluate``, ``veil sweep`` and ``veil report`` (registered in :mod:`veil.cli`).
 
-Each builds the library's configs from its options and makes one library call.
+Each builds the library's configs from its options and makes one library call. Option defaults are read
+from the config dataclasses (``AttackConfig``, ``ReconstructionConfig``, ``MIConfig``), never restated.
 """
 
 from __future__ import annotations
@@ -12,27 +13,28 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-EXPOSURES = ("inference", "training", "training-time")  # as veil.evaluation.attack.ATTACK_EXPOSURES; torch is imported only when a command runs
-ATTACKERS = "linear,mlp,cnn,cnn-bn,server"
+from veil.cli_common import config_default, config_option
+from veil.evaluation.attack import AttackConfig
+from veil.evaluation.mutual_information import MIConfig
+from veil.evaluation.reconstruction import ReconstructionConfig
 
-
-# shared option declarations (typer reads the defaults from these)
-_ATTACK_EPOCHS = typer.Option(40, "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
-_PATIENCE = typer.Option(6, "--patience", min=1, help="Attacker early-stopping patience (epochs without a better validation accuracy).")
-_ATTACK_TRAIN = typer.Option(None, "--attack-train-size", min=2, help="Obfuscated training records the attacker uses, disjoint from the defense's (default: as many as the defense trained on, where that many exist).")
-_ATTACK_TEST = typer.Option(None, "--attack-test-size", min=2, help="Obfuscated test records scored by the attacks (default: the whole test split).")
-_ATTACK_WIDTH = typer.Option(32, "--attack-width", min=1, help="Channels of the CNN attackers' first layer (doubling per block).")
-_RECON_WIDTH = typer.Option(64, "--recon-width", min=1, help="Channels of the reconstruction decoder.")
-_ATTACKERS = typer.Option(ATTACKERS, "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages), server (the run's own server model).")
-_VIEWS = typer.Option(4, "--views", min=1, help="Fresh obfuscations of the attacker's training set, cycled over epochs.")
-_AVG_K = typer.Option(8, "--averaging-k", min=0, help="Copies averaged by the averaging attack (0 or 1: off).")
-_EXPOSURES = typer.Option(",".join(EXPOSURES), "--exposures", help="Comma-separated points of exposure to attack: inference, training (attacker given y), training-time (messages sent in train mode, where they differ).")
-_RECON_EPOCHS = typer.Option(30, "--recon-epochs", min=0, help="Most epochs of the reconstruction decoder (0: skip the reconstruction attack).")
-_MI_DIMS = typer.Option(8, "--mi-dims", min=0, help="PCA dimensions for the KSG mutual-information estimate (0: skip MI).")
-_MI_K = typer.Option(3, "--mi-k", min=1, help="Neighbours in the KSG estimator.")
-_MI_SAMPLES = typer.Option(2000, "--mi-samples", min=5, help="Test pairs used by the KSG estimator.")
-_EVAL_SEED = typer.Option(0, "--eval-seed", help="Seed of the attackers, decoder and MI estimate.")
-_ATTACK_DEVICE = typer.Option("cpu", "--attack-device", help="Where the attackers train: cpu, cuda, cuda:N or auto (cuda when available).")
+# shared option declarations; every default is read from the config dataclasses (written once, there)
+_ATTACK_EPOCHS = config_option(AttackConfig, "epochs", "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
+_PATIENCE = config_option(AttackConfig, "patience", "--patience", min=1, help="Attacker early-stopping patience (epochs without a better validation accuracy).")
+_ATTACK_TRAIN = config_option(AttackConfig, "train_size", "--attack-train-size", min=2, help="Obfuscated training records the attacker uses, disjoint from the defense's (default: as many as the defense trained on, where that many exist).")
+_ATTACK_TEST = config_option(AttackConfig, "test_size", "--attack-test-size", min=2, help="Obfuscated test records scored by the attacks (default: the whole test split).")
+_ATTACK_WIDTH = config_option(AttackConfig, "width", "--attack-width", min=1, help="Channels of the CNN attackers' first layer (doubling per block).")
+_RECON_WIDTH = config_option(ReconstructionConfig, "width", "--recon-width", min=1, help="Channels of the reconstruction decoder.")
+_ATTACKERS = typer.Option(",".join(config_default(AttackConfig, "attackers")), "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages), server (the run's own server model).")
+_VIEWS = config_option(AttackConfig, "views", "--views", min=1, help="Fresh obfuscations of the attacker's training set, cycled over epochs.")
+_AVG_K = config_option(AttackConfig, "averaging_k", "--averaging-k", min=0, help="Copies averaged by the averaging attack (0 or 1: off).")
+_EXPOSURES = typer.Option(",".join(config_default(AttackConfig, "exposures")), "--exposures", help="Comma-separated points of exposure to attack: inference, training (attacker given y), training-time (messages sent in train mode, where they differ).")
+_RECON_EPOCHS = config_option(ReconstructionConfig, "epochs", "--recon-epochs", min=0, help="Most epochs of the reconstruction decoder (0: skip the reconstruction attack).")
+_MI_DIMS = config_option(MIConfig, "dims", "--mi-dims", min=0, help="PCA dimensions for the KSG mutual-information estimate (0: skip MI).")
+_MI_K = config_option(MIConfig, "k", "--mi-k", min=1, help="Neighbours in the KSG estimator.")
+_MI_SAMPLES = config_option(MIConfig, "samples", "--mi-samples", min=5, help="Test pairs used by the KSG estimator.")
+_EVAL_SEED = config_option(AttackConfig, "seed", "--eval-seed", help="Seed of the attackers, decoder and MI estimate.")
+_ATTACK_DEVICE = config_option(AttackConfig, "device", "--attack-device", help="Where the attackers train: cpu, cuda, cuda:N or auto (cuda when available).")
 
 
 def _split(text: str, what: str) -> tuple[str, ...]:
@@ -44,27 +46,24 @@ def _split(text: str, what: str) -> tuple[str, ...]:
 
 def build_eval_config(
     *,
-    attack_epochs: int = 40,
-    patience: int = 6,
-    attack_train_size: Optional[int] = None,
-    attack_test_size: Optional[int] = None,
-    attack_width: int = 32,
-    attackers: str = ATTACKERS,
-    views: int = 4,
-    averaging_k: int = 8,
-    exposures: str = ",".join(EXPOSURES),
-    recon_epochs: int = 30,
-    recon_width: int = 64,
-    mi_dims: int = 8,
-    mi_k: int = 3,
-    mi_samples: int = 2000,
-    eval_seed: int = 0,
-    attack_device: str = "cpu",
+    attack_epochs: int,
+    patience: int,
+    attack_train_size: Optional[int],
+    attack_test_size: Optional[int],
+    attack_width: int,
+    attackers: str,
+    views: int,
+    averaging_k: int,
+    exposures: str,
+    recon_epochs: int,
+    recon_width: int,
+    mi_dims: int,
+    mi_k: int,
+    mi_samples: int,
+    eval_seed: int,
+    attack_device: str,
 ) -> "EvalConfig":
     """The :class:`~veil.evaluation.sweep.EvalConfig` the CLI options describe (bad values raise ``ValueError``)."""
-    from veil.evaluation.attack import AttackConfig
-    from veil.evaluation.mutual_information import MIConfig
-    from veil.evaluation.reconstruction import ReconstructionConfig
     from veil.evaluation.sweep import EvalConfig
 
     attack = AttackConfig(
@@ -73,7 +72,7 @@ def build_eval_config(
         device=attack_device,
     )
     recon = None if recon_epochs == 0 else ReconstructionConfig(
-        epochs=recon_epochs, patience=min(5, recon_epochs), width=recon_width, train_size=attack_train_size, test_size=attack_test_size, views=views, seed=eval_seed
+        epochs=recon_epochs, patience=min(config_default(ReconstructionConfig, "patience"), recon_epochs), width=recon_width, train_size=attack_train_size, test_size=attack_test_size, views=views, seed=eval_seed
     )
     mi = None if mi_dims == 0 else MIConfig(dims=mi_dims, k=mi_k, samples=mi_samples, seed=eval_seed)
     return EvalConfig(attack=attack, reconstruction=recon, mi=mi)
