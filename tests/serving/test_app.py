@@ -102,6 +102,25 @@ def _slow_request(port: int) -> socket.socket:
     return s
 
 
+def _read_response(s: socket.socket) -> str:
+    """The whole HTTP response on ``s``: headers, then as many body bytes as Content-Length says (a
+    response may arrive in several TCP segments; one recv can return the headers alone)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length and len(body) < int(length.group(1)):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_slow_clients_time_out_and_a_full_server_answers_503(scnl_service):
     """Two stalled clients fill --max-concurrency 2: the next request is answered 503 at once (not
     queued); each stalled one gets 408 after --body-timeout 1; then the server answers again."""
@@ -114,7 +133,7 @@ def test_slow_clients_time_out_and_a_full_server_answers_503(scnl_service):
     # 503, not 200: refused while both slots are held, not queued until one frees
     assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
     for s in stalled:
-        answer = s.recv(4096).decode()
+        answer = _read_response(s)
         s.close()
         assert answer.startswith("HTTP/1.1 408"), answer[:200]
         assert "did not arrive within 1 s" in answer
