@@ -110,6 +110,9 @@ class Defense(nn.Module, abc.ABC):
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = int(num_classes)
         self._stage: str | None = None
+        # empty and not saved: it moves with ``.to(device)``, so a defense without parameters or buffers
+        # of its own (``none``, ``gaussian``) still knows its device for the tensors it makes (``penalty``)
+        self.register_buffer("_device_marker", torch.empty(0), persistent=False)
 
     # ----------------------------------------------------------------------------- the contract
     @abc.abstractmethod

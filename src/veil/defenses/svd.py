@@ -233,7 +233,7 @@ class SVDObfuscation(Defense):
         z = self.features(x)  # (B, n)
         self._last_z = z if (self.training and torch.is_grad_enabled() and self.decorrelation > 0) else None
         if self._raw:
-            self.last_kept = torch.full((len(x),), self.n, dtype=torch.int64)
+            self.last_kept = torch.full((len(x),), self.n, dtype=torch.int64, device=z.device)
             return z
         return self._obfuscate(z)
 
@@ -243,7 +243,7 @@ class SVDObfuscation(Defense):
             if float(torch.rand(())) < self.removal_prob:  # remove a random share of the signal content
                 # log-uniform m' in [1, r]: small m' (the private settings) are trained as often as large
                 k = max(1, min(self.rank, round(math.exp(float(torch.rand(())) * math.log(self.rank)))))
-        self.last_kept = torch.full((len(z),), k, dtype=torch.int64)
+        self.last_kept = torch.full((len(z),), k, dtype=torch.int64, device=z.device)
         return z @ self.basis[:k].T  # (B, m'): the client computes only the m' coefficients it sends
 
     def decode(self, m: torch.Tensor) -> torch.Tensor:

@@ -362,8 +362,8 @@ class SCNLConv2d(SCNLBase):
             if n_in == 1:
                 continue
             i = dim - 3
-            centre = torch.arange(n_out) * self.stride[i] - self.padding[i] + self.dilation[i] * (self.kernel_size[i] // 2)
-            pi_bar = pi_bar.index_select(dim, centre.clamp(0, n_in - 1).to(pi_bar.device))
+            centre = torch.arange(n_out, device=pi_bar.device) * self.stride[i] - self.padding[i] + self.dilation[i] * (self.kernel_size[i] // 2)
+            pi_bar = pi_bar.index_select(dim, centre.clamp(0, n_in - 1))
         return pi_bar
 
     def _raw_hard(self, x, labels):
