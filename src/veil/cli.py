@@ -43,7 +43,10 @@ app = typer.Typer(
     cls=_OneLineErrors,
 )
 from veil.cli_common import config_option, console, fail as _fail, parse_options as _parse_options  # noqa: E402
-from veil.training.loop import TrainConfig  # noqa: E402  (the options' defaults are its fields')
+from veil.training.loop import DEFAULT_DEVICE, TrainConfig  # noqa: E402  (the options' defaults are its fields')
+
+#: What ``veil train --device`` takes (``cuda:N`` is the library's; under torchrun each process takes its own GPU).
+TRAIN_DEVICES = ("cpu", "cuda", "auto")
 
 TASK_HELP = "Task: digits-lt5 (built in), mnist-lt5, fashion-lt5, npz:PATH (arrays x, y, z) or idx:DIR; detection: mnist-scenes, digits-scenes, coco:IMAGES_DIR,ANNOTATIONS.json (with --model detector)."
 DEFENSE_HELP = "Obfuscation method; 'veil list' shows them all."
@@ -88,11 +91,21 @@ def train(
     seed: int = config_option(TrainConfig, "seed", help="Seed for data order, initialisation and training noise."),
     train_size: Optional[int] = config_option(TrainConfig, "train_size", min=1, help="Use only this many training records."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
+    device: str = typer.Option(DEFAULT_DEVICE, "--device", help="Where to train: cpu, cuda or auto (cuda when available). Not part of the run's config: a run may resume on another device. Under torchrun, cuda puts one GPU under each process (nccl)."),
 ) -> None:
     """Train a defense together with the server task model; write the run folder."""
     from veil.training import train_run
+    from veil.training.loop import resolve_device
 
+    try:
+        if device not in TRAIN_DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(TRAIN_DEVICES)}, got {device!r}")
+        where = resolve_device(device)  # CUDA asked for and absent: one line, before anything is built
+    except ValueError as err:
+        _fail(err)
     if _is_detection(task, model):  # mnist-scenes, digits-scenes, coco:...; --model detector
+        if device == "cuda":  # auto falls back to the CPU here
+            _fail(ValueError("--device cuda: detection tasks train on the CPU only"))
         from veil.detection.commands import train_cmd as train_detection
 
         try:
@@ -106,7 +119,7 @@ def train(
         from veil.training.distributed import launched, train_run_distributed
 
         # under torchrun (WORLD_SIZE > 1) every process trains its share; rank 0 writes and prints
-        metrics = train_run_distributed(config, out) if launched() else train_run(config, out)
+        metrics = train_run_distributed(config, out, device=where) if launched() else train_run(config, out, device=where)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         _fail(err)
     if metrics is not None:

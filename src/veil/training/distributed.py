@@ -19,9 +19,14 @@ resumed run repeats the uninterrupted one), so two processes see other noise tha
 results up to that noise, and up to float summation order for a noise-free defense. A final batch with
 fewer records than ranks is dropped.
 
+Devices (:func:`backend_for`): with ``--device cpu`` every rank trains on the CPU and the collectives
+go over gloo; with ``--device cuda`` rank r trains on ``cuda:LOCAL_RANK`` (one GPU per process, so
+``--nproc-per-node`` at most the GPUs of a machine) and they go over nccl, which reduces tensors where
+they are, on the GPUs: the flat gradient buffer, the broadcast buffers and the sums all live on the
+rank's device. The device is a runtime choice, not part of the config: a job may resume on other devices.
+
 Files: only rank 0 writes (``config.json``, the checkpoint after every epoch, the results); resuming,
 every rank reads the checkpoint, so on several machines ``--out`` must be a folder they all see.
-veil's training loop runs on the CPU, hence gloo (``nccl`` would need the loop to place tensors on GPUs).
 """
 
 from __future__ import annotations
@@ -43,15 +48,30 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from veil.data.tasks import Split
 from veil.io import save_obfuscator, save_weights, write_json
-from veil.training.loop import TrainConfig, fit
+from veil.training.loop import DEFAULT_DEVICE, TrainConfig, fit, resolve_device
 from veil.training.run import CHECKPOINT, build, check_output_folder, client_cost, evaluate_primary, load_checkpoint, open_run_folder, save_checkpoint
-
-BACKEND = "gloo"
 
 
 def launched() -> bool:
     """Whether this process is one of several started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def backend_for(device: torch.device) -> str:
+    """The ``torch.distributed`` backend for ranks training on ``device``: ``nccl`` on CUDA (it all-reduces
+    GPU tensors in place; gloo would stage them through the CPU), ``gloo`` on the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This rank's device: ``cuda:LOCAL_RANK`` (made the current CUDA device) for a CUDA run, else ``device``."""
+    if device.type != "cuda":
+        return device
+    local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= count:
+        raise ValueError(f"process {local} of this machine has no GPU of its own ({count} CUDA device(s)): start at most {count} processes per machine with --device cuda")
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
 
 
 @dataclasses.dataclass
@@ -112,14 +132,15 @@ def synchronized_steps(modules: list[nn.Module], shares: Shares) -> Iterator[Non
         params = [p for group in optimizer.param_groups for p in group["params"]]
         # a step outside the sharded batches (none in veil's loop today) is a plain average over ranks
         weight, total = (float(shares.mine), float(shares.total)) if shares.total else (1.0, float(dist.get_world_size()))
-        flat = torch.cat([(p.grad.detach().reshape(-1) * weight if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)) for p in params])
-        has_grad = torch.tensor([p.grad is not None for p in params], dtype=flat.dtype)
+        # on the parameters' device: nccl reduces GPU tensors, gloo CPU ones
+        flat = torch.cat([(p.grad.detach().reshape(-1) * weight if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)) for p in params])
+        has_grad = torch.tensor([p.grad is not None for p in params], dtype=flat.dtype, device=flat.device)
         flat = torch.cat([flat, has_grad])
         dist.all_reduce(flat)
-        grads, anyone = flat[: -len(params)] / total, flat[-len(params) :]
+        grads, anyone = flat[: -len(params)] / total, (flat[-len(params) :] > 0).tolist()  # one read, not one per parameter
         offset = 0
         for i, p in enumerate(params):
-            if anyone[i] > 0:  # a parameter no rank has a gradient for stays without one, as in one process
+            if anyone[i]:  # a parameter no rank has a gradient for stays without one, as in one process
                 p.grad = grads[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
         for module in modules:
@@ -139,17 +160,25 @@ def _reseed(config: TrainConfig, rank: int, stage: int, epoch: int) -> None:
         torch.manual_seed((config.seed * 1_000_003 + rank * 10_007 + stage * 101 + epoch) % 2**63)
 
 
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
 
-def train_run_distributed(config: TrainConfig, out: str | Path, *, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+def train_run_distributed(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    log: Callable[[str], None] | None = None,
+    device: str | torch.device = DEFAULT_DEVICE,
+) -> dict[str, Any] | None:
     """:func:`veil.training.run.train_run` on every rank of a ``torchrun`` job; rank 0 writes the run
-    folder and returns the metrics, the other ranks return None."""
+    folder and returns the metrics, the other ranks return None. ``device``: cpu (gloo) or cuda (nccl,
+    each rank on ``cuda:LOCAL_RANK``); see :func:`backend_for`."""
+    device = rank_device(resolve_device(device))
     if not dist.is_initialized():
-        dist.init_process_group(BACKEND, timeout=timedelta(minutes=30))
+        dist.init_process_group(backend_for(device), timeout=timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     say = (log or (lambda s: print(s, file=sys.stderr, flush=True))) if rank == 0 else (lambda s: None)
     out = Path(out)
@@ -158,7 +187,7 @@ def train_run_distributed(config: TrainConfig, out: str | Path, *, log: Callable
             check_output_folder(out)
         task, defense, model = build(config)
         finished = open_run_folder(out, config, "metrics.json", log=say) if rank == 0 else None
-        flag = torch.tensor([finished is not None], dtype=torch.int64)
+        flag = torch.tensor([finished is not None], dtype=torch.int64, device=device)
         dist.broadcast(flag, src=0)  # also the barrier: config.json is written before anyone reads the folder
         if flag.item():
             return finished
@@ -166,7 +195,7 @@ def train_run_distributed(config: TrainConfig, out: str | Path, *, log: Callable
         ckpt = out / CHECKPOINT
         start, opt_state, history = (0, 0), None, []
         if ckpt.exists():
-            start, opt_state, history = load_checkpoint(ckpt, defense, model, config)
+            start, opt_state, history = load_checkpoint(ckpt, defense, model, config, device=device)
             say(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1} ({world} processes)")
         _reseed(config, rank, *start)
         shares, whole, t0 = Shares(), task, time.time()
@@ -175,7 +204,7 @@ def train_run_distributed(config: TrainConfig, out: str | Path, *, log: Callable
 
         def epoch_end(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
             n_val = len(task.val)
-            loss, correct, seen, val_correct, val_n = _all_sum([rec["loss"] * shares.seen, rec["train_acc"] * shares.seen, shares.seen, rec.get("val_acc", 0.0) * n_val, n_val])
+            loss, correct, seen, val_correct, val_n = _all_sum([rec["loss"] * shares.seen, rec["train_acc"] * shares.seen, shares.seen, rec.get("val_acc", 0.0) * n_val, n_val], device)
             rec.update(loss=loss / seen, train_acc=correct / seen, val_acc=val_correct / max(1.0, val_n))
             history.append(rec)
             if rank == 0:
@@ -183,12 +212,12 @@ def train_run_distributed(config: TrainConfig, out: str | Path, *, log: Callable
             _reseed(config, rank, si, next_epoch)
 
         with synchronized_steps([defense, model], shares):
-            fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=epoch_end, log=say)
+            fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=epoch_end, log=say, device=device)
         metrics = None
         if rank == 0:
-            metrics = evaluate_primary(defense, model, whole)
+            metrics = evaluate_primary(defense, model, whole, device=device)
             metrics.update(client_cost(defense, model))
-            metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "processes": world, "train_seconds": round(time.time() - t0, 2), "history": history})
+            metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "processes": world, "device": device.type, "train_seconds": round(time.time() - t0, 2), "history": history})
             save_obfuscator(out / "obfuscator.safetensors", defense)
             save_weights(out / "model.safetensors", model.state_dict())
             write_json(out / "metrics.json", metrics)
@@ -199,4 +228,4 @@ def train_run_distributed(config: TrainConfig, out: str | Path, *, log: Callable
         dist.destroy_process_group()
 
 
-__all__ = ["BACKEND", "ShardedSplit", "launched", "synchronized_steps", "train_run_distributed"]
+__all__ = ["ShardedSplit", "backend_for", "launched", "rank_device", "synchronized_steps", "train_run_distributed"]

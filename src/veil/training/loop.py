@@ -11,6 +11,7 @@ screening and FedProx's proximal term as options). A defense decides which of it
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import sys
 import time
@@ -30,6 +31,49 @@ from veil.training.screening import Screening
 
 
 LR_SCHEDULES = ("constant", "cosine")
+
+#: Where training runs unless told otherwise. A runtime choice, not part of :class:`TrainConfig`: the config
+#: is checked when a run resumes, and a run started on one device may resume on another.
+DEFAULT_DEVICE = "cpu"
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``: cuda where available) as a ``torch.device``.
+
+    The same names and answers as the attackers' ``AttackConfig.device`` (:mod:`veil.evaluation` sits
+    above training and cannot be imported here). CUDA asked for where there is none is a ``ValueError``
+    naming it, before anything is built. A ``torch.device`` is taken as it is.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if not (device in ("cpu", "auto", "cuda") or device.startswith("cuda:")):
+        raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters (else buffers) are; the CPU for a module with neither."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+class OnDevice:
+    """A loader whose batches arrive on ``device`` (the data stays on the CPU; one batch at a time moves)."""
+
+    def __init__(self, batches: Any, device: torch.device) -> None:
+        self.batches, self.device = batches, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        for batch in self.batches:
+            yield [t.to(self.device) for t in batch]
 
 
 def lr_factor(schedule: str, step: int, total: int) -> float:
@@ -204,10 +248,12 @@ def train_step(
 
 @torch.no_grad()
 def model_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 512) -> float:
-    """Accuracy of ``model`` on records ``x`` exactly as given (clean, or messages already decoded)."""
+    """Accuracy of ``model`` on records ``x`` exactly as given (clean, or messages already decoded); the
+    records go batch by batch to the device the model is on."""
     was = model.training
     model.eval()
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    device = module_device(model)
+    correct = sum(int((model(x[i : i + batch_size].to(device)).argmax(1) == y[i : i + batch_size].to(device)).sum()) for i in range(0, len(x), batch_size))
     model.train(was)
     return correct / max(1, len(x))
 
@@ -217,14 +263,16 @@ def accuracy(defense: Defense, model: nn.Module, split: Split, *, use_labels: bo
     """Primary accuracy of ``model`` on ``split`` obfuscated by ``defense``.
 
     ``use_labels=False`` is the inference path (no label on the client); ``True`` the training exposure.
+    The records go batch by batch to the device the model is on.
     """
     was = defense.training, model.training
     defense.eval()
     model.eval()
+    device = module_device(model)
     correct = 0
     for i in range(0, len(split), batch_size):
-        x, y = split.x[i : i + batch_size], split.y[i : i + batch_size]
-        mask = split.mask[i : i + batch_size] if use_labels and split.mask is not None else None
+        x, y = split.x[i : i + batch_size].to(device), split.y[i : i + batch_size].to(device)
+        mask = split.mask[i : i + batch_size].to(device) if use_labels and split.mask is not None else None
         logits = model(defense.decode(defense.encode_batch(x, y if use_labels else None, mask)))
         correct += int((logits.argmax(1) == y).sum())
     defense.train(was[0])
@@ -254,6 +302,7 @@ def fit(
     on_epoch_end: Callable[[int, int, torch.optim.Optimizer, dict], None] | None = None,
     log: Callable[[str], None] | None = None,
     name: str | None = None,
+    device: str | torch.device = DEFAULT_DEVICE,
 ) -> list[dict[str, Any]]:
     """Train ``model`` (and ``defense``, on clean records) on ``data``.
 
@@ -271,6 +320,9 @@ def fit(
             (checkpointing lives there).
         log: Where progress lines go (default: stderr).
         name: Label of the log lines (default: the defense's name, or ``engine``).
+        device: Where to train (:func:`resolve_device`). ``defense`` and ``model`` are moved there and
+            stay there; the records stay on the CPU and go over one batch at a time. Screens and the
+            data order are drawn on the CPU whatever the device, the defenses' noise on the device.
 
     Returns:
         One record per epoch: stage, epoch, train loss, train accuracy, validation accuracy (Task only).
@@ -284,6 +336,10 @@ def fit(
     if not (proximal_mu >= 0 and math.isfinite(proximal_mu)):
         raise ValueError(f"proximal_mu must be a number >= 0, got {proximal_mu!r}")
     name = name or ("engine" if engine or defense is None else defense.name)
+    device = resolve_device(device)
+    model.to(device)
+    if defense is not None:
+        defense.to(device)
     stages = [ENGINE_STAGE] if engine else defense.stages()
     counts = [config.epochs] if engine else stage_epochs(stages, config.epochs)
     if sum(counts) != config.epochs:
@@ -310,7 +366,7 @@ def fit(
         if first == 0 and not engine:
             # what setup derives (SVD's basis, sample-and-hold's windows) lives in the defense's buffers, so
             # a stage resumed mid-way keeps it instead of recalibrating on a partly trained model
-            defense.setup(model, data.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si))
+            defense.setup(model, OnDevice(data.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si), device))
         params = list(model.parameters()) if engine else _trainable(defense, model, stage)
         if not params:
             raise ValueError(f"stage {stage.name!r} of defense {name!r} has nothing to train")
@@ -326,7 +382,7 @@ def fit(
             else:
                 loader = data.train.loader(config.batch_size, shuffle=True, seed=seed, with_mask=defense.uses_mask)
             steps = len(loader)
-            for i, (x, y, *extra) in enumerate(loader):
+            for i, (x, y, *extra) in enumerate(OnDevice(loader, device)):
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * lr_factor(recipe.schedule, epoch * steps + i, n_epochs * steps)
                 if engine:

@@ -29,7 +29,7 @@ from veil.defenses import Defense, create_defense, with_knob
 from veil.io import load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
 from veil.models import count_flops, count_parameters, create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, private_noise, seed_everything
-from veil.training.loop import TrainConfig, accuracy, fit
+from veil.training.loop import DEFAULT_DEVICE, TrainConfig, accuracy, fit, module_device, resolve_device
 
 EXPOSURES = ("inference", "training")
 
@@ -69,13 +69,17 @@ def _load_state(path: Path, defense: Defense, model: nn.Module, tensors: dict[st
 
 
 def client_cost(defense: Defense, model: nn.Module) -> dict[str, Any]:
-    """Client-side FLOPs and parameters of ``encode`` (inference path) against the server's.
+    """Client-side FLOPs and parameters of ``encode`` (inference path) against the server's; moves
+    ``defense`` and ``model`` to the CPU.
 
     The client counts ``encode`` only; the server counts ``decode`` (SVD's first layer W there) and the
     task model, run on one message of the shape the client sends. Parameters follow the defense's own
     split (:meth:`~veil.defenses.base.Defense.client_parameter_count` / ``server_parameter_count``).
     """
     was = defense.training
+    # counted on the CPU (the probe records are made there); a count does not depend on the device
+    defense.cpu()
+    model.cpu()
     defense.eval()
     client = count_flops(lambda x: defense.encode(x), defense.input_shape)
     with torch.no_grad():
@@ -161,13 +165,19 @@ def train_run(
     *,
     task: Task | None = None,
     log: Callable[[str], None] | None = None,
+    device: str | torch.device = DEFAULT_DEVICE,
 ) -> dict[str, Any]:
     """Train ``config`` into run folder ``out``; resume from its checkpoint if one is there.
+
+    ``device`` (:func:`~veil.training.loop.resolve_device`) is where the training and the evaluation run;
+    it is no part of the config, so a run may resume on another device than it started on (the files are
+    written from CPU copies and read onto the CPU first). The one used is recorded in the metrics.
 
     Returns the metrics (also written to ``out/metrics.json``). A finished run is not retrained.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
+    device = resolve_device(device)  # CUDA asked for and absent: said before anything is built or written
     check_output_folder(out)
     # everything the config names (task, defense, options, model) is built, and so validated, before
     # the first file is written: a bad command leaves no config.json behind to block the corrected one
@@ -187,7 +197,7 @@ def train_run(
         if (out / stale).exists():
             raise ValueError(f"{out}: holds a checkpoint in an older format ({stale}); delete {out} and train again")
     if ckpt.exists():
-        start, opt_state, history = load_checkpoint(ckpt, defense, model, config, data_sha256=data)
+        start, opt_state, history = load_checkpoint(ckpt, defense, model, config, data_sha256=data, device=device)
         log(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
 
     def checkpoint(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
@@ -197,7 +207,7 @@ def train_run(
 
     t0 = time.time()
     try:
-        fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log)
+        fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log, device=device)
         check_finite_weights(defense, model)
     except BaseException:
         if fresh and not ckpt.exists():  # failed before its first checkpoint: nothing to resume, leave nothing
@@ -206,9 +216,9 @@ def train_run(
                 with contextlib.suppress(OSError):
                     out.rmdir()
         raise
-    metrics = evaluate_primary(defense, model, task)
+    metrics = evaluate_primary(defense, model, task, device=device)
     metrics.update(client_cost(defense, model))
-    metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "train_seconds": round(time.time() - t0, 2), "history": history})
+    metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "device": str(device), "train_seconds": round(time.time() - t0, 2), "history": history})
     # what the weights were trained on, checked by load_run (export, evaluate): config.json edited (its
     # seed picks the split) or the data file replaced afterwards is refused, not silently used
     metrics.update({"config": config.to_dict(), "data_sha256": data})
@@ -234,7 +244,9 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def save_checkpoint(path: Path, defense: Defense, model: nn.Module, opt: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
     """Write defense and model weights, the optimizer state, ``progress`` (stage, next epoch, history) and
-    PyTorch's random state into one safetensors file, atomically."""
+    PyTorch's random state (the CPU's, and the CUDA device's where the model is on one) into one
+    safetensors file, atomically. Tensors are written from CPU copies, so the file is the same whatever
+    device trained."""
     tensors = _state(defense, model)
     state = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -245,17 +257,31 @@ def save_checkpoint(path: Path, defense: Defense, model: nn.Module, opt: torch.o
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     tensors["rng"] = torch.get_rng_state()
+    device = module_device(model)
+    if device.type == "cuda":  # the defenses draw their noise from the generator of the device they run on
+        tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
     meta = {"progress": json.dumps(progress), "param_groups": json.dumps(state["param_groups"]), "optim_scalars": json.dumps(scalars)}
     save_weights(path, tensors, metadata=meta)
 
 
 def load_checkpoint(
-    path: Path, defense: Defense, model: nn.Module, config: TrainConfig, *, data_sha256: str | None = None
+    path: Path,
+    defense: Defense,
+    model: nn.Module,
+    config: TrainConfig,
+    *,
+    data_sha256: str | None = None,
+    device: torch.device | None = None,
 ) -> tuple[tuple[int, int], dict, list]:
     """Restore weights and random state from :func:`save_checkpoint`'s file; return ((stage, epoch),
     optimizer state, history). The progress it records is checked against ``config``'s stages and epochs,
     and the config and data fingerprint it records (where it records them) against ``config`` and
-    ``data_sha256``: a checkpoint that does not fit this run is refused, never silently trained on."""
+    ``data_sha256``: a checkpoint that does not fit this run is refused, never silently trained on.
+
+    Tensors are read onto the CPU (safetensors' ``map_location``) and copied into ``defense`` and
+    ``model`` wherever they are; the optimizer state follows its parameters when the optimizer loads it.
+    ``device``: where training goes on; a CUDA device takes the CUDA random state back where the
+    checkpoint holds one (a run moved between the CPU and CUDA draws other noise from there on)."""
     from safetensors import safe_open
 
     from veil.training.loop import stage_epochs
@@ -289,14 +315,17 @@ def load_checkpoint(
     if "rng" not in tensors:
         raise ValueError(f"{path}: checkpoint has no random state; delete it to start over")
     torch.set_rng_state(tensors["rng"])
+    if device is not None and device.type == "cuda" and "rng_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng_cuda"], device)
     # an epoch that ended a stage restarts the next stage from its beginning (a fresh optimizer)
     if epoch == counts[stage]:
         return (stage + 1, 0), {}, history
     return (stage, epoch), {"state": state, "param_groups": groups}, history
 
 
-def evaluate_primary(defense: Defense, model: nn.Module, task: Task) -> dict[str, float]:
-    """Test-split accuracies of the server model on the primary label.
+def evaluate_primary(defense: Defense, model: nn.Module, task: Task, *, device: str | torch.device = DEFAULT_DEVICE) -> dict[str, float]:
+    """Test-split accuracies of the server model on the primary label, computed on ``device`` (where
+    ``defense`` and ``model`` are moved).
 
     Returns:
         ``primary_acc``: on inference messages (``encode(x)``, no label on the client), the accuracy a
@@ -306,6 +335,9 @@ def evaluate_primary(defense: Defense, model: nn.Module, task: Task) -> dict[str
         not an accuracy of anything a user gets (for methods that ignore the label it equals
         ``primary_acc`` up to noise).
     """
+    device = resolve_device(device)
+    defense.to(device)
+    model.to(device)
     return {
         "primary_acc": accuracy(defense, model, task.test, use_labels=False),
         "label_readback_training_exposure": accuracy(defense, model, task.test, use_labels=True),

@@ -19,7 +19,9 @@ def screen(x: torch.Tensor, ratio: float, *, mode: str = "rect", generator: torc
         ratio: Share of each record's pixels hidden, in [0, 1). 0 returns ``x`` unchanged.
         mode: ``"rect"``: one random rectangle of about ``ratio * H * W`` pixels per record (same on
             every channel); ``"pixel"``: each pixel hidden independently with probability ``ratio``.
-        generator: Source of the masks (a fresh draw every call: every iteration).
+        generator: Source of the masks (a fresh draw every call: every iteration). The masks are drawn
+            on the generator's device (the CPU without one) and moved to ``x``'s, so a seeded CPU
+            generator screens alike wherever ``x`` is.
 
     Returns:
         (B, C, H, W), the screened records.
@@ -31,18 +33,19 @@ def screen(x: torch.Tensor, ratio: float, *, mode: str = "rect", generator: torc
     if ratio == 0.0 or len(x) == 0:
         return x
     b, _, h, w = x.shape
+    where = generator.device if generator is not None else torch.device("cpu")
     if mode == "pixel":
-        keep = torch.rand(b, 1, h, w, generator=generator) >= ratio
-        return x * keep.to(x.dtype)
+        keep = torch.rand(b, 1, h, w, generator=generator, device=where) >= ratio
+        return x * keep.to(x.device, x.dtype)
     # rectangle with the aspect of the record, area ~ ratio * H * W
     rh = min(h, max(1, round(h * math.sqrt(ratio))))
     rw = min(w, max(1, round(w * ratio * h / rh)))
-    top = torch.randint(0, h - rh + 1, (b,), generator=generator)
-    left = torch.randint(0, w - rw + 1, (b,), generator=generator)
-    rows = torch.arange(h).view(1, h, 1)
-    cols = torch.arange(w).view(1, 1, w)
+    top = torch.randint(0, h - rh + 1, (b,), generator=generator, device=where)
+    left = torch.randint(0, w - rw + 1, (b,), generator=generator, device=where)
+    rows = torch.arange(h, device=where).view(1, h, 1)
+    cols = torch.arange(w, device=where).view(1, 1, w)
     hide = ((rows >= top.view(b, 1, 1)) & (rows < (top + rh).view(b, 1, 1)) & (cols >= left.view(b, 1, 1)) & (cols < (left + rw).view(b, 1, 1)))
-    return x * (~hide).unsqueeze(1).to(x.dtype)  # (B, 1, H, W) broadcast over channels
+    return x * (~hide).unsqueeze(1).to(x.device, x.dtype)  # (B, 1, H, W) broadcast over channels
 
 
 @dataclasses.dataclass(frozen=True)
