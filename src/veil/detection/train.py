@@ -5,6 +5,13 @@
 where the defense takes regions), ``obfuscator.safetensors`` (the client) and ``model.safetensors`` (the
 server detector; for ``local`` the client's own detector). Every file is written atomically.
 
+While it trains the folder also holds ``checkpoint.safetensors`` (:data:`veil.training.run.CHECKPOINT`),
+rewritten after every epoch: weights, Adam state, the LR schedule's step, the data order's generator,
+torch's random state, the progress and the config. A run that is interrupted resumes after its last
+finished epoch (a reduced run takes tens of minutes on a CPU, too long to lose); the finished run
+removes it. The file is the classification one (:func:`~veil.training.run.save_checkpoint`), with the
+detection-only state (data order, schedule step) in its progress record.
+
 The detection defense trains with the boxes the data owner holds (per-object region hard selection for
 defenses with ``uses_mask``), the server detector on the messages; the loss is CenterNet's plus the
 defense's ``penalty()``. ``local`` trains a tiny detector on the clean scenes and sends its detections.
@@ -12,6 +19,9 @@ defense's ``penalty()``. ``local`` trains a tiny detector on the clean scenes an
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import dataclasses
 import json
 import math
@@ -204,8 +214,61 @@ def evaluate_map(defense: nn.Module | None, model: nn.Module, scenes: Scenes, *,
 
 
 # ----------------------------------------------------------------------------------------- training
-def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config: DetectionConfig, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Train defense and detector together (Adam, cosine to 0); the defense's stages share the epochs."""
+class _NoDefense(nn.Module):
+    """Stands in for the defense of a ``local`` run in the checkpoint code (the detector is the client's
+    own): no weights and one stage, so :func:`~veil.training.run.save_checkpoint` and ``load_checkpoint``
+    apply as they are."""
+
+    def stages(self) -> list[Any]:
+        from veil.defenses import Stage
+
+        return [Stage("joint")]
+
+
+def _save_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                     gen: torch.Generator, config: DetectionConfig, stage: int, epoch: int, history: list[dict[str, Any]]) -> None:
+    """The classification checkpoint plus what only detection's loop keeps: the data order's generator
+    (drawn from once per epoch, so it cannot be re-derived from the epoch) and the schedule's step."""
+    from veil.training.run import check_finite_weights, save_checkpoint
+
+    client = defense if defense is not None else _NoDefense()
+    check_finite_weights(client, model)  # a diverged epoch is never saved
+    progress = {"stage": stage, "epoch": epoch, "history": history, "config": config.to_dict(),
+                "gen": base64.b64encode(gen.get_state().numpy().tobytes()).decode(), "sched_step": sched.last_epoch}
+    save_checkpoint(path, client, model, opt, progress)
+
+
+def _load_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, config: DetectionConfig,
+                     gen: torch.Generator) -> tuple[tuple[int, int], dict[str, Any], int, list[dict[str, Any]]]:
+    """Restore weights, torch's random state and the data order's generator from ``path``; return
+    ((stage index, epoch within stage), optimizer state (empty at a stage's end), schedule step, history).
+    A checkpoint of another config, one further than this config's epochs, or a damaged one is a
+    ``ValueError`` naming the file."""
+    from safetensors import safe_open
+
+    from veil.training.run import load_checkpoint
+
+    start, opt_state, history = load_checkpoint(path, defense if defense is not None else _NoDefense(), model, config)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            progress = json.loads((f.metadata() or {})["progress"])
+        step = progress["sched_step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"schedule step {step!r}")
+        gen.set_state(torch.frombuffer(bytearray(base64.b64decode(progress["gen"], validate=True)), dtype=torch.uint8))
+    except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error) as err:
+        raise ValueError(f"{path}: not a detection checkpoint, or its progress record is damaged ({err}); delete it to start over") from err
+    return start, opt_state, step, history
+
+
+def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config: DetectionConfig, log: Callable[[str], None],
+        *, checkpoint: Path | None = None) -> list[dict[str, Any]]:
+    """Train defense and detector together (Adam, cosine to 0); the defense's stages share the epochs.
+
+    ``checkpoint``: the file written after every epoch and, where it exists, resumed from. Everything the
+    next epoch draws from is restored (weights, Adam state, schedule step, data order, torch's random
+    state), so a defense without training noise continues exactly as if never interrupted.
+    """
     from veil.training.loop import stage_epochs
 
     train = task.train
@@ -216,9 +279,17 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     out_hw = tuple(model(torch.zeros(2, *(defense.output_shape() if defense is not None else task.input_shape)))["heat"].shape[-2:])
-    for stage, epochs in zip(stages, counts):
-        if epochs == 0:
+    start, opt_state, sched_step = (0, 0), {}, 0
+    if checkpoint is not None and checkpoint.exists():  # after the probe above: its state is overwritten here
+        start, opt_state, sched_step, history = _load_checkpoint(checkpoint, defense, model, config, gen)
+        if start[0] < len(counts):
+            log(f"[{config.defense}] {checkpoint.parent}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
+        else:
+            log(f"[{config.defense}] {checkpoint.parent}: all {len(history)} epochs trained; evaluating")
+    for si, (stage, epochs) in enumerate(zip(stages, counts)):
+        if epochs == 0 or si < start[0]:
             continue
+        first = start[1] if si == start[0] else 0
         params = list(model.parameters())
         if defense is not None:
             defense.set_stage(stage.name)
@@ -226,7 +297,10 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
         opt = torch.optim.Adam(params, lr=config.lr)
         steps = epochs * math.ceil(len(train) / config.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-        for epoch in range(epochs):
+        if first:  # mid-stage: Adam's moments and the learning rate it had reached, the schedule's position
+            opt.load_state_dict(opt_state)
+            sched.last_epoch = sched_step
+        for epoch in range(first, epochs):
             t0, total, n = time.time(), 0.0, 0
             model.train()
             if defense is not None:
@@ -256,29 +330,40 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
                 total, n = total + float(loss.detach()) * len(idx), n + len(idx)
             rec = {"stage": None if stage is None else stage.name, "epoch": len(history) + 1, "loss": total / max(1, n), "seconds": round(time.time() - t0, 1)}
             history.append(rec)
+            if checkpoint is not None:  # before the log line: whatever stops the run after it, this epoch is kept
+                _save_checkpoint(checkpoint, defense, model, opt, sched, gen, config, si, epoch + 1, history)
             log(f"[{config.defense}] epoch {rec['epoch']}/{config.epochs} loss {rec['loss']:.4f} ({rec['seconds']}s)")
     return history
 
 
 def train_detection(config: DetectionConfig, out: str | Path, *, task: DetectionTask | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train and write the run folder; a finished run with the same config is not retrained."""
-    from veil.training.run import check_output_folder
+    """Train and write the run folder; a finished run with the same config is not retrained, an
+    interrupted one resumes from its checkpoint, a folder holding another config is refused."""
+    from veil.training.run import CHECKPOINT, check_output_folder, open_run_folder
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
     check_output_folder(out)
-    if (out / "metrics.json").is_file() and (out / "config.json").is_file():
-        saved = read_json(out / "config.json")
-        if saved != json.loads(json.dumps(config.to_dict())):
-            raise ValueError(f"{out} holds a finished run with another config; choose another --out")
-        return read_json(out / "metrics.json")
-    task = task or load_detection_task(config.task, seed=config.seed, train_size=config.train_size, scale=config.scale)
-    seed_everything(config.seed)
-    defense, model, cost = build(config, task)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", config.to_dict())
+    finished = (out / "metrics.json").is_file() and (out / "config.json").is_file()
+    if not finished:  # build (and so validate) before the first file is written; a finished run needs neither
+        task = task or load_detection_task(config.task, seed=config.seed, train_size=config.train_size, scale=config.scale)
+        seed_everything(config.seed)
+        defense, model, cost = build(config, task)
+    fresh, created = not (out / "config.json").exists(), not out.exists()
+    done = open_run_folder(out, config, "metrics.json", what="detection run", log=log)
+    if done is not None:
+        return done
+    ckpt = out / CHECKPOINT
     t0 = time.time()
-    history = fit(defense, model, task, config, log)
+    try:
+        history = fit(defense, model, task, config, log, checkpoint=ckpt)
+    except BaseException:
+        if fresh and not ckpt.exists():  # stopped before its first epoch ended: nothing to resume, leave nothing
+            (out / "config.json").unlink(missing_ok=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+        raise
     seed_everything(config.seed + 1)
     metrics: dict[str, Any] = {"task": task.name, "defense": config.defense, "knob": None if defense is None else defense.knob_value(),
                                "inference": evaluate_map(defense, model, task.test)}
@@ -291,6 +376,7 @@ def train_detection(config: DetectionConfig, out: str | Path, *, task: Detection
     if defense is not None:
         save_obfuscator(out / "obfuscator.safetensors", defense)
     write_json(out / "metrics.json", metrics)
+    ckpt.unlink(missing_ok=True)
     log(f"[{config.defense}] test mAP@0.5 {metrics['inference']['map_50']:.4f}, mAP@[.5:.95] {metrics['inference']['map']:.4f} (inference exposure)")
     return metrics
 
