@@ -49,6 +49,7 @@ from torch.nn import functional as F
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense
 from veil.noise import check_seed, seed_everything
+from veil.training.loop import resolve_device
 from veil.training.run import EXPOSURES
 
 #: Points of exposure an attack can target (``EXPOSURES`` plus the train-mode messages).
@@ -143,12 +144,8 @@ class AttackConfig:
         return dataclasses.asdict(self)
 
     def torch_device(self) -> torch.device:
-        """The device the attackers train on (``auto`` resolved)."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} asked for, but no CUDA device is available")
-        return torch.device(self.device)
+        """The device the attackers train on (``auto`` resolved, as training resolves it)."""
+        return resolve_device(self.device)
 
 
 # --------------------------------------------------------------------------------------- attackers

@@ -40,8 +40,7 @@ DEFAULT_DEVICE = "cpu"
 def resolve_device(device: str | torch.device) -> torch.device:
     """``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``: cuda where available) as a ``torch.device``.
 
-    The same names and answers as the attackers' ``AttackConfig.device`` (:mod:`veil.evaluation` sits
-    above training and cannot be imported here). CUDA asked for where there is none is a ``ValueError``
+    The one resolver: the attackers' ``AttackConfig.device`` goes through it too. CUDA asked for where there is none is a ``ValueError``
     naming it, before anything is built. A ``torch.device`` is taken as it is.
     """
     if isinstance(device, torch.device):
