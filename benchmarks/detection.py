@@ -3,7 +3,7 @@
 
 Reduced size for a shared 2-core CPU (say so beside every number): 64x64 mnist-scenes, ``--train-size``
 scenes (default 3000) x ``--epochs`` (default 6), the server detector at width 16, client budget 1% of
-its FLOPs; attackers (linear, mlp, cnn; 20x20 crops, 10 epochs, 2 views) on 800 of the held-out scenes' objects, scored on the 1000 test scenes' objects.
+its FLOPs; attackers (linear, mlp, cnn, cnn-bn; 20x20 crops, 10 epochs, 2 views) on 800 of the held-out scenes' objects, scored on the 1000 test scenes' objects.
 
     OMP_NUM_THREADS=1 python benchmarks/detection.py train --runs none,local,0.3,1,3,10
     OMP_NUM_THREADS=1 python benchmarks/detection.py evaluate --runs none,local,0.3,1,3,10
@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attack-epochs", type=int, default=10)
     p.add_argument("--attack-scenes", type=int, default=800, help="held-out scenes the attackers train on")
-    p.add_argument("--attackers", default="linear,mlp,cnn")
+    p.add_argument("--attackers", default="linear,mlp,cnn,cnn-bn")
     p.add_argument("--crop", type=int, default=20)
     args = p.parse_args()
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
