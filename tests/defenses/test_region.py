@@ -60,7 +60,9 @@ def test_bad_masks_are_refused(bad):
         _defense().encode(torch.rand(2, 1, 12, 12), None, mask=bad)
 
 
-@pytest.mark.parametrize("opt", [dict(lambda_=-1), dict(selector_width=0), dict(hard_fraction=2), dict(sharpen="yes")])
+@pytest.mark.parametrize("opt", [dict(lambda_=-1), dict(selector_width=0), dict(hard_fraction=2), dict(sharpen="yes"), dict(content_scale=0.0),
+                                 dict(content_scale=True), dict(dilate=-1), dict(dilate=True), dict(dilate=9), dict(selector_epochs=-1),
+                                 dict(selector_epochs=2.5), dict(train_selector_alone="yes")])
 def test_bad_options_are_refused(opt):
     with pytest.raises(ValueError):
         create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, **opt)
@@ -119,3 +121,66 @@ def test_region_selection_on_digits_tag_keeps_the_task_and_hides_the_tag():
     assert p_region > 0.3, results
     assert a_none > 0.3, results
     assert a_region < a_none - 0.15, results
+
+
+def _tag_batch(n: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 12, 12, generator=g) * 0.3
+    mask = torch.zeros(n, 1, 12, 12, dtype=torch.uint8)
+    for i in range(n):
+        r, c = int(torch.randint(0, 8, (1,), generator=g)), int(torch.randint(0, 8, (1,), generator=g))
+        x[i, 0, r : r + 4, c : c + 4] = 1.0
+        mask[i, 0, r : r + 4, c : c + 4] = 1
+    return x, mask
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_the_task_loss_reaches_the_selector_only_when_asked(alone):
+    # with train_selector_alone the selector learns from the masks' cross-entropy only: a loss on the message
+    # (the task's, the charge) leaves its gradient at zero; without it that loss reaches it
+    torch.manual_seed(0)
+    d = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, lambda_=0.5, hard_fraction=0.0, selector_weight=0.0, train_selector_alone=alone).train()
+    x, mask = _tag_batch()
+    h = d.encode(x, None, mask=mask)
+    (h.square().mean() + d.penalty()).backward()
+    grads = [p.grad for p in d.layer.selector.parameters()]
+    reached = any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    assert reached is not alone
+
+
+def test_setup_trains_the_selector_on_the_masks_alone():
+    x, mask = _tag_batch(64)
+    y = torch.zeros(64, dtype=torch.long)
+    batches = [(x[i : i + 16], y[i : i + 16], mask[i : i + 16]) for i in range(0, 64, 16)]
+
+    def iou(d):
+        with torch.no_grad():
+            pred = d.layer.selector(x).argmax(1)
+        truth = mask[:, 0] == 1
+        return float(((pred == 1) & truth).sum() / ((pred == 1) | truth).sum().clamp(min=1))
+
+    torch.manual_seed(0)
+    untouched = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, selector_epochs=0)
+    before = [p.detach().clone() for p in untouched.layer.selector.parameters()]
+    untouched.setup(None, batches)
+    assert all(torch.equal(a, b) for a, b in zip(before, untouched.layer.selector.parameters()))
+
+    torch.manual_seed(0)
+    trained = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, selector_epochs=40)
+    trained.setup(None, batches)
+    assert iou(trained) > 0.5 > iou(untouched), (iou(trained), iou(untouched))
+    with pytest.raises(ValueError, match="region masks"):
+        trained.setup(None, [(x[:4], y[:4])])
+
+
+def test_dilate_grows_the_sensitive_region_and_content_scale_sets_the_content_noise():
+    d = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, dilate=1, content_scale=0.05, init_scale=0.5)
+    pi = torch.zeros(1, 2, 12, 12)
+    pi[:, 0] = 1
+    pi[0, :, 5, 5] = torch.tensor([0.0, 1.0])
+    grown = d._dilated(pi)
+    assert float(grown[0, 1].sum()) == 9 and float(grown[0, 1, 4:7, 4:7].min()) == 1
+    assert torch.allclose(grown.sum(1), torch.ones(1, 12, 12))
+    scale = F.softplus(d.layer.scale) + d.options["min_scale"]
+    assert torch.allclose(scale[0], torch.full_like(scale[0], 0.05), atol=1e-6)  # content
+    assert torch.allclose(scale[1], torch.full_like(scale[1], 0.5), atol=1e-6)  # sensitive

@@ -11,14 +11,16 @@ template and scale tensor per region::
 
     h = bound·tanh( sum_r pi_r ⊙ (gain_r ⊙ x + offset_r) / bound ) + softplus( sum_r pi_r ⊙ scale_r ) ⊙ eps
 
-The content region starts open (gain 1), the sensitive one closed (gain 0). ``pi`` is
+The content region starts open (gain 1, little noise), the sensitive one closed (gain 0, more noise). ``pi`` is
 
 * the region mask, one-hot per pixel, where the data owner knows it (``encode(x, y, mask=...)``; the
   training exposure; in training mode a random ``hard_fraction`` of the batch, the rest through the
   selector, so that the server never relies on perfect masks);
 * otherwise ``pi(x)``, a per-pixel softmax from a small client CNN (the selector) trained with the masks
-  (per-pixel cross-entropy, weight ``selector_weight``); with ``sharpen`` each pixel takes its argmax
-  region at inference, so the selector's confidence is not sent.
+  only (per-pixel cross-entropy, weight ``selector_weight``: first alone in ``setup``, then beside the
+  joint stage; the task loss does not reach it, since what the task pays for is letting everything
+  through); with ``sharpen`` each pixel takes its argmax region at inference, so the selector's confidence
+  is not sent.
 
 Knob ``lambda_`` (larger = more private): the VIB charge ``lambda_ · mean KL(q(h|x) || N(0, 1))`` over the
 whole output, which closes whatever the task does not pay for (``content_charge`` < 1 charges the pixels
@@ -52,6 +54,23 @@ class SCNLRegion(Defense):
         init_scale: Initial noise scale. bound, min_scale: the output distribution's mean bound and
             least scale. lr_scale: the client layers learn this many times faster than the server model.
         sharpen: At inference without a mask, each pixel takes its argmax region.
+        content_scale: Initial noise scale of the content region (``None``: ``init_scale``, as the sensitive
+            region's). Little noise on content keeps the task (fashion-tag, 1% budget, 3000 records x 4:
+            0.730 at 0.05 against 0.665 at 0.5); the content noise also covers the tag pixels the selector
+            misses, so a low one needs a selector that finds the tag (``selector_epochs``,
+            ``train_selector_alone``; tag attack 0.143 with them, 0.87 without).
+        dilate: Pixels by which the sensitive region the selector picks is grown (a max filter of side
+            ``2 * dilate + 1`` over its probability, in training and at inference): the selector errs toward
+            hiding at the tag's border, where its misses are.
+        train_selector_alone: The selector learns from the region masks only (its cross-entropy); the task
+            loss and the charge do not reach it. Measured on fashion-tag at a 1% budget (3000 records x 4
+            epochs): with their gradient the selector found 33% of the tag's pixels (and 2.5% when the content
+            noise starts low: the task pays for letting everything through), so what hid the tag was the
+            noise on *all* pixels, which cost the garment too.
+        selector_epochs: Passes over the training records in which the selector alone learns the masks at
+            the start of training (``setup``; a few seconds: it is 1% of the server's cost), before the joint
+            stage goes on training it. 4 joint epochs alone left it finding 81% of the tag's pixels at 55%
+            precision; 20 passes first: about 90% at 75% (fashion-tag, 1% budget, 3000 records).
         content_charge: Weight of the VIB charge on pixels selected as content, relative to the sensitive
             region's (1: the whole output charged alike; 0: only the sensitive region is charged, so the
             content the task needs passes as the task trains it, and what hides the secret is the sensitive
@@ -80,6 +99,10 @@ class SCNLRegion(Defense):
         lr_scale: float = 5.0,
         sharpen: bool = True,
         content_charge: float = 1.0,
+        content_scale: float | None = 0.05,
+        dilate: int = 0,
+        train_selector_alone: bool = True,
+        selector_epochs: int = 20,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
@@ -90,21 +113,32 @@ class SCNLRegion(Defense):
             raise ValueError(f"hard_fraction must lie in [0, 1], got {hard_fraction!r}")
         if not float(selector_weight) >= 0:
             raise ValueError(f"selector_weight must be >= 0, got {selector_weight!r}")
-        if not isinstance(sharpen, bool):
-            raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
+        for key, value in (("sharpen", sharpen), ("train_selector_alone", train_selector_alone)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
         if not (isinstance(lr_scale, (int, float)) and lr_scale > 0):
             raise ValueError(f"lr_scale must be a number > 0, got {lr_scale!r}")
         if isinstance(content_charge, bool) or not (isinstance(content_charge, (int, float)) and 0 <= content_charge <= 1):
             raise ValueError(f"content_charge must be a number in [0, 1], got {content_charge!r}")
+        if content_scale is not None and not (isinstance(content_scale, (int, float)) and not isinstance(content_scale, bool) and min_scale < content_scale <= 10):
+            raise ValueError(f"content_scale must be a number in (min_scale, 10] or None, got {content_scale!r}")
+        if isinstance(selector_epochs, bool) or not (isinstance(selector_epochs, int) and 0 <= selector_epochs <= 1000):
+            raise ValueError(f"selector_epochs must be an integer in [0, 1000], got {selector_epochs!r}")
+        if isinstance(dilate, bool) or not (isinstance(dilate, int) and 0 <= dilate <= 8):
+            raise ValueError(f"dilate must be an integer in [0, 8], got {dilate!r}")
         self.options = dict(
             lambda_=float(lambda_), selector_width=int(selector_width), hard_fraction=float(hard_fraction),
             selector_weight=float(selector_weight), init_scale=float(init_scale), bound=float(bound),
             min_scale=float(min_scale), lr_scale=float(lr_scale), sharpen=sharpen, content_charge=float(content_charge),
+            content_scale=None if content_scale is None else float(content_scale), dilate=int(dilate),
+            train_selector_alone=train_selector_alone, selector_epochs=int(selector_epochs),
         )
         self.lambda_ = float(lambda_)
         layer = SCNLAdditive(self.input_shape, REGIONS, "gaussian", init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale))
         with torch.no_grad():
             layer.gain[1].zero_()  # the sensitive region starts closed
+            if content_scale is not None and layer.scale is not None:
+                layer.scale[0].fill_(math.log(math.expm1(float(content_scale) - float(min_scale))))
         layer.selector = PixelSelection(self.input_shape[0], REGIONS, int(selector_width))
         self.layer = scale_learning_rate(layer, float(lr_scale))
         self._last_penalty: torch.Tensor | None = None
@@ -135,18 +169,19 @@ class SCNLRegion(Defense):
         self.check_input(x, y)
         b = x.shape[0]
         logits = self.layer.selector(x)  # (B, REGIONS, H, W)
+        chosen = logits.detach() if self.options["train_selector_alone"] else logits  # what selects; the CE below trains it
         if mask is not None:
             m = self.check_mask(mask, b)
             onehot = torch.cat([1 - m, m], 1)  # (B, REGIONS, H, W)
             if self.training and self.options["hard_fraction"] < 1:
                 hard = (torch.rand(b, device=x.device) < self.options["hard_fraction"]).view(b, 1, 1, 1)
-                pi = torch.where(hard, onehot, torch.softmax(logits, 1))
+                pi = torch.where(hard, onehot, self._dilated(torch.softmax(chosen, 1)))
             else:
                 pi = onehot
         elif self.options["sharpen"] and not self.training:
-            pi = F.one_hot(logits.argmax(1), REGIONS).permute(0, 3, 1, 2).to(x.dtype)
+            pi = self._dilated(F.one_hot(logits.argmax(1), REGIONS).permute(0, 3, 1, 2).to(x.dtype))
         else:
-            pi = torch.softmax(logits, 1)
+            pi = self._dilated(torch.softmax(chosen, 1))
         params = self.layer.distribution.constrain(self.layer.raw(x, pi=pi.unsqueeze(2)))
         h = self.layer.distribution.rsample(params)
         kl = self.layer.kl(params)  # (B, C, H, W)
@@ -161,6 +196,32 @@ class SCNLRegion(Defense):
             penalty = penalty + self.options["selector_weight"] * F.cross_entropy(logits, m[:, 0].long(), weight=weight)
         self._last_penalty = penalty
         return h
+
+    def setup(self, model: torch.nn.Module, loader: Any) -> None:
+        """Train the selector alone on the region masks (``selector_epochs`` passes of ``loader``, whose
+        batches end with the mask), so that the joint stage starts from a selector that finds the tag."""
+        if self.options["selector_epochs"] == 0:
+            return
+        selector = self.layer.selector
+        opt = torch.optim.Adam(selector.parameters(), lr=self.options["lr_scale"] * 1e-3)
+        weight = torch.tensor([1.0, 4.0], device=self._device())
+        for _ in range(self.options["selector_epochs"]):
+            for batch in loader:
+                if len(batch) < 3:
+                    raise ValueError("scnl-region's setup needs batches with region masks (x, y, mask)")
+                x, m = batch[0], self.check_mask(batch[-1], len(batch[0]))
+                loss = F.cross_entropy(selector(x), m[:, 0].long(), weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+    def _dilated(self, pi: torch.Tensor) -> torch.Tensor:
+        """``pi`` (B, REGIONS, H, W) with the sensitive region grown by ``dilate`` pixels (a max filter)."""
+        d = self.options["dilate"]
+        if d == 0:
+            return pi
+        sensitive = F.max_pool2d(pi[:, 1:], 2 * d + 1, stride=1, padding=d)
+        return torch.cat([1 - sensitive, sensitive], 1)
 
     def penalty(self) -> torch.Tensor:
         """``lambda_ * mean KL`` of the last encode (+ the selector's cross-entropy where masks were given)."""

@@ -365,7 +365,8 @@ def fit(
         if first == 0 and not engine:
             # what setup derives (SVD's basis, sample-and-hold's windows) lives in the defense's buffers, so
             # a stage resumed mid-way keeps it instead of recalibrating on a partly trained model
-            defense.setup(model, OnDevice(data.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si), device))
+            masks = defense.uses_mask and data.train.mask is not None  # a region defense learns its selector from them
+            defense.setup(model, OnDevice(data.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si, with_mask=masks), device))
         params = list(model.parameters()) if engine else _trainable(defense, model, stage)
         if not params:
             raise ValueError(f"stage {stage.name!r} of defense {name!r} has nothing to train")
