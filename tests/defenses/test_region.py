@@ -169,7 +169,7 @@ def test_setup_trains_the_selector_on_the_masks_alone():
     trained = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, selector_epochs=40)
     trained.setup(None, batches)
     assert iou(trained) > 0.5 > iou(untouched), (iou(trained), iou(untouched))
-    with pytest.raises(ValueError, match="region masks"):
+    with pytest.raises(ValueError, match="region map"):
         trained.setup(None, [(x[:4], y[:4])])
 
 

@@ -91,3 +91,37 @@ def test_bad_regions_are_named(small_task):
         d.encode(x, mask=torch.zeros(2, 64, 64, dtype=torch.long))
     with pytest.raises(ValueError, match=r"integers in \[0, 2\]"):
         d.encode(x, mask=torch.full((2, 1, 64, 64), 3))
+
+
+@pytest.mark.parametrize("alone", [True, False])
+def test_the_detection_loss_reaches_the_selector_only_when_asked(small_task, alone):
+    s = small_task.train.subset(range(8))
+    torch.manual_seed(0)
+    d = create_defense("scnl-detect", input_shape=s.image_shape, num_classes=s.num_classes, hard_fraction=0.0, selector_weight=0.0, train_selector_alone=alone).train()
+    h = d.encode(s.images, None, mask=region_map(s, 0, len(s)))
+    (h.square().mean() + d.penalty()).backward()
+    reached = any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in d.layer.selector.parameters())
+    assert reached is not alone
+
+
+def test_setup_trains_the_detection_selector_on_the_region_maps(small_task):
+    s = small_task.train
+    regions = region_map(s, 0, len(s)).long()
+    batches = [(s.images[i : i + 16], regions[i : i + 16]) for i in range(0, len(s), 16)]
+
+    def object_recall(d):
+        with torch.no_grad():
+            pred = d.layer.selector(s.images).argmax(1)
+        objects = regions[:, 0] > 0
+        return float(((pred > 0) & objects).sum() / objects.sum())
+
+    made = lambda n: create_defense("scnl-detect", input_shape=s.image_shape, num_classes=s.num_classes, selector_epochs=n)  # noqa: E731
+    torch.manual_seed(0)
+    untouched = made(0)
+    untouched.setup(None, batches)
+    torch.manual_seed(0)
+    trained = made(30)
+    trained.setup(None, batches)
+    assert object_recall(trained) > max(0.5, object_recall(untouched) + 0.2), (object_recall(trained), object_recall(untouched))
+    with pytest.raises(ValueError, match="region map"):
+        trained.setup(None, [(s.images[:4],)])

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.scnl import SCNLAdditive, scale_learning_rate
-from veil.layers.selection import PixelSelection
+from veil.layers.selection import PixelSelection, train_pixel_selector
 
 REGIONS = 2  # content, sensitive
 
@@ -200,20 +200,9 @@ class SCNLRegion(Defense):
     def setup(self, model: torch.nn.Module, loader: Any) -> None:
         """Train the selector alone on the region masks (``selector_epochs`` passes of ``loader``, whose
         batches end with the mask), so that the joint stage starts from a selector that finds the tag."""
-        if self.options["selector_epochs"] == 0:
-            return
-        selector = self.layer.selector
-        opt = torch.optim.Adam(selector.parameters(), lr=self.options["lr_scale"] * 1e-3)
-        weight = torch.tensor([1.0, 4.0], device=self._device())
-        for _ in range(self.options["selector_epochs"]):
-            for batch in loader:
-                if len(batch) < 3:
-                    raise ValueError("scnl-region's setup needs batches with region masks (x, y, mask)")
-                x, m = batch[0], self.check_mask(batch[-1], len(batch[0]))
-                loss = F.cross_entropy(selector(x), m[:, 0].long(), weight=weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        if self.options["selector_epochs"]:
+            train_pixel_selector(self.layer.selector, loader, epochs=self.options["selector_epochs"], lr=self.options["lr_scale"] * 1e-3,
+                                 weight=torch.tensor([1.0, 4.0]), check=self.check_mask)
 
     def _dilated(self, pi: torch.Tensor) -> torch.Tensor:
         """``pi`` (B, REGIONS, H, W) with the sensitive region grown by ``dilate`` pixels (a max filter)."""

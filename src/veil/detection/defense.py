@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.scnl import SCNLConv2d, scale_learning_rate
-from veil.layers.selection import PixelSelection
+from veil.layers.selection import PixelSelection, train_pixel_selector
 
 
 class SCNLDetect(Defense):
@@ -56,6 +56,11 @@ class SCNLDetect(Defense):
         init_gain: Initial gain of the content channel of every region (1: the message starts as the scene
             plus noise; 0: as the regions' templates plus noise, the content channel closed, so that what
             the engine reads of an object's content is what the task paid for against the KL).
+        train_selector_alone: The selector learns from the region maps only (its cross-entropy); the
+            detection loss and the charge do not reach it (as in ``scnl-region``, where the task's gradient
+            taught the selector to let everything through).
+        selector_epochs: Passes over the training scenes in which the selector alone learns the region maps
+            before the joint stage (``setup``).
     """
 
     name: ClassVar[str] = "scnl-detect"
@@ -82,6 +87,8 @@ class SCNLDetect(Defense):
         lr_scale: float = 5.0,
         sharpen: bool = True,
         init_gain: float = 1.0,
+        train_selector_alone: bool = False,
+        selector_epochs: int = 0,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
@@ -98,8 +105,11 @@ class SCNLDetect(Defense):
         for key, value in (("selector_weight", selector_weight), ("object_weight", object_weight), ("lr_scale", lr_scale)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0 or (key == "selector_weight" and value == 0)):
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
-        if not isinstance(sharpen, bool):
-            raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
+        for key, value in (("sharpen", sharpen), ("train_selector_alone", train_selector_alone)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{key} must be true or false, got {value!r}")
+        if isinstance(selector_epochs, bool) or not (isinstance(selector_epochs, int) and 0 <= selector_epochs <= 1000):
+            raise ValueError(f"selector_epochs must be an integer in [0, 1000], got {selector_epochs!r}")
         if not (isinstance(init_gain, (int, float)) and math.isfinite(init_gain) and 0 <= init_gain <= 10):
             raise ValueError(f"init_gain must be a number in [0, 10], got {init_gain!r}")
         self.options = dict(
@@ -107,6 +117,7 @@ class SCNLDetect(Defense):
             selector_weight=float(selector_weight), object_weight=float(object_weight), kernel_size=int(kernel_size),
             out_channels=int(out_channels), init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
             lr_scale=float(lr_scale), sharpen=sharpen, init_gain=float(init_gain),
+            train_selector_alone=train_selector_alone, selector_epochs=int(selector_epochs),
         )
         self.lambda_ = float(lambda_)
         self.regions = self.num_classes + 1  # background + one per primary class
@@ -161,25 +172,37 @@ class SCNLDetect(Defense):
         b = x.shape[0]
         regions = self.regions_of(x, y, mask)
         logits = self.layer.selector(x)  # (B, R, H, W)
+        chosen = logits.detach() if self.options["train_selector_alone"] else logits  # what selects; the CE trains the selector
         sharpen = self.options["sharpen"] and not self.training
         if regions is not None:
             raw = self.layer.raw(x, regions)  # per-pixel hard selection from the region map, flat in C
             if self.training and self.options["hard_fraction"] < 1:
                 hard = (torch.rand(b, device=x.device) < self.options["hard_fraction"]).view(b, 1, 1, 1, 1)
-                raw = torch.where(hard, raw, self.layer.raw(x, pi=torch.softmax(logits, 1).unsqueeze(2)))
+                raw = torch.where(hard, raw, self.layer.raw(x, pi=torch.softmax(chosen, 1).unsqueeze(2)))
         elif sharpen:
             raw = self.layer.raw(x, logits.argmax(1))  # each pixel's argmax region
         else:
-            raw = self.layer.raw(x, pi=torch.softmax(logits, 1).unsqueeze(2))
+            raw = self.layer.raw(x, pi=torch.softmax(chosen, 1).unsqueeze(2))
         params = self.layer.distribution.constrain(raw)
         h = self.layer.distribution.rsample(params)
         penalty = self.lambda_ * self.layer.kl(params).mean()
         if regions is not None and self.training and self.options["selector_weight"] > 0:
-            weight = torch.full((self.regions,), self.options["object_weight"], device=x.device)
-            weight[0] = 1.0
+            weight = self._region_weights().to(x.device)
             penalty = penalty + self.options["selector_weight"] * F.cross_entropy(logits, regions, weight=weight)
         self._last_penalty = penalty
         return h
+
+    def _region_weights(self) -> torch.Tensor:
+        weight = torch.full((self.regions,), self.options["object_weight"])
+        weight[0] = 1.0
+        return weight
+
+    def setup(self, model: torch.nn.Module, loader: Any) -> None:
+        """Train the selector alone on the region maps (``selector_epochs`` passes of ``loader``, whose
+        batches end with the (B, 1, H, W) region map) before the joint stage."""
+        if self.options["selector_epochs"]:
+            train_pixel_selector(self.layer.selector, loader, epochs=self.options["selector_epochs"], lr=self.options["lr_scale"] * 1e-3,
+                                 weight=self._region_weights(), check=self.check_mask)
 
     def penalty(self) -> torch.Tensor:
         """``lambda_ * mean KL`` of the last encode (+ the selector's cross-entropy where regions were given)."""

@@ -261,6 +261,18 @@ def _load_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, co
     return start, opt_state, step, history
 
 
+class _SceneBatches:
+    """(scenes, region maps) batches in a fixed order, re-iterable (a defense's ``setup`` reads them)."""
+
+    def __init__(self, images: torch.Tensor, regions: torch.Tensor, order: torch.Tensor, batch_size: int) -> None:
+        self.images, self.regions, self.order, self.batch_size = images, regions, order, batch_size
+
+    def __iter__(self) -> Any:
+        for i in range(0, len(self.order), self.batch_size):
+            idx = self.order[i : i + self.batch_size]
+            yield self.images[idx], self.regions[idx].long()
+
+
 def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config: DetectionConfig, log: Callable[[str], None],
         *, checkpoint: Path | None = None) -> list[dict[str, Any]]:
     """Train defense and detector together (Adam, cosine to 0); the defense's stages share the epochs.
@@ -294,6 +306,11 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
         if defense is not None:
             defense.set_stage(stage.name)
             params += [p for p in defense.parameters() if p.requires_grad]
+            # a region defense's setup (its selector on the region maps) at a stage's start, not again when resumed
+            # mid-stage; other defenses' setup calibrates against a classifier's output, which a detector has not
+            if first == 0 and defense.uses_mask:
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + 1000 * si))
+                defense.setup(model, _SceneBatches(train.images, regions, order, config.batch_size))
         opt = torch.optim.Adam(params, lr=config.lr)
         steps = epochs * math.ceil(len(train) / config.batch_size)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

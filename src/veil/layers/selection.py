@@ -17,6 +17,7 @@ All of it runs on the client.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -137,6 +138,26 @@ class PixelSelection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def train_pixel_selector(selector: nn.Module, batches: Any, *, epochs: int, lr: float, weight: torch.Tensor, check: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+    """Train a per-pixel selector alone on region maps: ``epochs`` passes over ``batches`` (each ends with
+    the (B, 1, H, W) region map; ``check(map, batch)`` validates it and returns what the cross-entropy
+    compares against, (B, 1, H, W) integer-valued), per-pixel cross-entropy weighted by region (``weight``),
+    Adam at ``lr``. Used by the region defenses' ``setup``: the selector is a small fraction of the
+    server's cost, so many passes over the masks cost seconds, and a selector that starts out finding
+    the regions lets the joint stage train the rest on the right selection."""
+    opt = torch.optim.Adam(selector.parameters(), lr=lr)
+    for _ in range(epochs):
+        for batch in batches:
+            if len(batch) < 2 or batch[-1] is None or batch[-1].dim() != 4:
+                raise ValueError("a region selector's setup needs batches that end with the region map (B, 1, H, W)")
+            x = batch[0]
+            target = check(batch[-1], len(x))[:, 0].long()
+            loss = F.cross_entropy(selector(x), target, weight=weight.to(x.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
 def expand_selection(pi: torch.Tensor, num_classes: int, ndim: int) -> torch.Tensor:
