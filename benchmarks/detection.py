@@ -32,6 +32,8 @@ def run_config(name: str, args: argparse.Namespace):
         return DetectionConfig(defense=name, client_budget=args.budget if name == "local" else None, **common)
     if name.startswith("closed:"):  # the content channel starting closed (init_gain 0)
         return DetectionConfig(defense="scnl-detect", knob=float(name[7:]), defense_options={"init_gain": 0.0}, client_budget=args.budget, **common)
+    if name.startswith("templates:"):  # content closed for good (only region templates + noise), selector trained alone
+        return DetectionConfig(defense="scnl-detect", knob=float(name[10:]), defense_options={"train_selector_alone": True, "selector_epochs": 20, "content_closed": True}, client_budget=args.budget, **common)
     if name.startswith("alone:"):  # the selector trained on the region maps only (20 passes alone first, then beside the joint stage)
         return DetectionConfig(defense="scnl-detect", knob=float(name[6:]), defense_options={"train_selector_alone": True, "selector_epochs": 20}, client_budget=args.budget, **common)
     return DetectionConfig(defense="scnl-detect", knob=float(name), client_budget=args.budget, **common)
@@ -108,7 +110,7 @@ def layer_cost() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=("train", "evaluate", "table", "cost"))
-    p.add_argument("--runs", default="none,local,0.3,1,3,10,closed:1", help="none, local, scnl-detect knob values, closed:KNOB (init_gain 0) or alone:KNOB (selector trained on the region maps only)")
+    p.add_argument("--runs", default="none,local,0.3,1,3,10,closed:1", help="none, local, scnl-detect knob values, closed:KNOB (init_gain 0) or alone:KNOB (selector trained on the region maps only) or templates:KNOB (that, and content closed for good)")
     p.add_argument("--task", default="mnist-scenes")
     p.add_argument("--train-size", type=int, default=3000)
     p.add_argument("--epochs", type=int, default=6)

@@ -125,3 +125,24 @@ def test_setup_trains_the_detection_selector_on_the_region_maps(small_task):
     assert object_recall(trained) > max(0.5, object_recall(untouched) + 0.2), (object_recall(trained), object_recall(untouched))
     with pytest.raises(ValueError, match="region map"):
         trained.setup(None, [(s.images[:4],)])
+
+
+def test_a_closed_content_channel_sends_only_region_templates(small_task):
+    # content_closed: given the regions, the message's distribution does not depend on the scene, also after
+    # training steps (its kernels get no gradient); the region templates (biases) still train
+    s = small_task.train.subset(range(8))
+    torch.manual_seed(0)
+    d = create_defense("scnl-detect", input_shape=s.image_shape, num_classes=s.num_classes, content_closed=True, train_selector_alone=True).train()
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    bias = d.layer.bias.detach().clone()
+    for _ in range(3):
+        h = d.encode(s.images, None, mask=region_map(s, 0, len(s)))
+        (h.square().mean() + d.penalty()).backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(d.layer.weight.detach().abs().max()) == 0.0
+    assert not torch.equal(bias, d.layer.bias.detach())
+    regions = region_map(s, 0, len(s))[:, 0]
+    shuffled = s.images[torch.randperm(len(s))]
+    for a, b in zip(d.layer.params(s.images, regions), d.layer.params(shuffled, regions)):
+        assert torch.equal(a, b)

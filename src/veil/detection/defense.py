@@ -61,6 +61,10 @@ class SCNLDetect(Defense):
             taught the selector to let everything through).
         selector_epochs: Passes over the training scenes in which the selector alone learns the region maps
             before the joint stage (``setup``).
+        content_closed: The content channel stays closed: every kernel of the layer (mean and scale maps) is
+            zero and never trained, so a message is its pixels' region templates (the biases) plus noise of
+            a per-region scale, and what the engine can read of an object is the extent the selector gave
+            it (no strokes at all).
     """
 
     name: ClassVar[str] = "scnl-detect"
@@ -89,6 +93,7 @@ class SCNLDetect(Defense):
         init_gain: float = 1.0,
         train_selector_alone: bool = False,
         selector_epochs: int = 0,
+        content_closed: bool = False,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
@@ -105,7 +110,7 @@ class SCNLDetect(Defense):
         for key, value in (("selector_weight", selector_weight), ("object_weight", object_weight), ("lr_scale", lr_scale)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0 or (key == "selector_weight" and value == 0)):
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
-        for key, value in (("sharpen", sharpen), ("train_selector_alone", train_selector_alone)):
+        for key, value in (("sharpen", sharpen), ("train_selector_alone", train_selector_alone), ("content_closed", content_closed)):
             if not isinstance(value, bool):
                 raise ValueError(f"{key} must be true or false, got {value!r}")
         if isinstance(selector_epochs, bool) or not (isinstance(selector_epochs, int) and 0 <= selector_epochs <= 1000):
@@ -117,7 +122,7 @@ class SCNLDetect(Defense):
             selector_weight=float(selector_weight), object_weight=float(object_weight), kernel_size=int(kernel_size),
             out_channels=int(out_channels), init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale),
             lr_scale=float(lr_scale), sharpen=sharpen, init_gain=float(init_gain),
-            train_selector_alone=train_selector_alone, selector_epochs=int(selector_epochs),
+            train_selector_alone=train_selector_alone, selector_epochs=int(selector_epochs), content_closed=content_closed,
         )
         self.lambda_ = float(lambda_)
         self.regions = self.num_classes + 1  # background + one per primary class
@@ -134,8 +139,16 @@ class SCNLDetect(Defense):
         if float(init_gain) != 1.0 and not probe:
             with torch.no_grad():
                 layer.weight[:, layer._channels(0)] *= float(init_gain)  # the mean maps' kernels
+        if content_closed and not probe:
+            keep = torch.zeros_like(layer.weight)  # no kernel reads the scene: mean and scale come from the region
+            with torch.no_grad():
+                layer.weight.mul_(keep)
         layer.selector = PixelSelection(cin, self.regions, int(selector_width))
         self.layer = layer if probe else scale_learning_rate(layer, float(lr_scale))  # same parameter count
+        if content_closed and not probe:  # zero gradient there, so Adam never moves them off zero
+            stored = self.layer.parametrizations.weight.original if hasattr(self.layer, "parametrizations") else self.layer.weight
+            self.register_buffer("_content_keep", keep, persistent=False)
+            stored.register_hook(lambda g: g * self._content_keep)
         self._last_penalty: torch.Tensor | None = None
 
     def config(self) -> dict[str, Any]:
