@@ -144,7 +144,7 @@ def main() -> None:
                "client_flops_share": m.get("client_flops_share"), "train_scenes": m["train_scenes"], "epochs": len(m["history"])}
         if (run / "privacy.json").is_file():
             pr = read_json(run / "privacy.json")
-            row.update({k: pr["summary"].get(k) for k in ("attack_inference", "attack_training", "attack_averaging", "floor", "majority_floor", "psnr", "baseline_psnr", "ssim")})
+            row.update({k: pr["summary"].get(k) for k in ("attack_inference", "attack_training", "attack_averaging", "floor", "majority_floor", "answer_floor", "psnr", "baseline_psnr", "ssim")})
         rows.append(row)
     if rows:
         write_json(OUT / "detection.json", {"command": " ".join(sys.argv), "rows": rows})
