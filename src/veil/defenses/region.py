@@ -41,6 +41,9 @@ from veil.layers.scnl import SCNLAdditive, scale_learning_rate
 from veil.layers.selection import PixelSelection, train_pixel_selector
 
 REGIONS = 2  # content, sensitive
+#: The selector's cross-entropy weights per region: the sensitive region is the smaller one (about 1/8 of the
+#: pixels on fashion-tag), weighed up so that the selector errs toward hiding.
+SELECTOR_CE_WEIGHT = (1.0, 4.0)
 
 
 class SCNLRegion(Defense):
@@ -190,9 +193,7 @@ class SCNLRegion(Defense):
             kl = kl * (self.options["content_charge"] * pi[:, :1] + pi[:, 1:])  # (B, 1, H, W) broadcasts over C
         penalty = self.lambda_ * kl.mean()
         if mask is not None and self.training and self.options["selector_weight"] > 0:
-            # the sensitive region is the smaller one (about 1/8 of the pixels on fashion-tag): weigh it up so
-            # that the selector errs toward hiding
-            weight = torch.tensor([1.0, 4.0], device=x.device)
+            weight = torch.tensor(SELECTOR_CE_WEIGHT, device=x.device)
             penalty = penalty + self.options["selector_weight"] * F.cross_entropy(logits, m[:, 0].long(), weight=weight)
         self._last_penalty = penalty
         return h
@@ -202,7 +203,7 @@ class SCNLRegion(Defense):
         batches end with the mask), so that the joint stage starts from a selector that finds the tag."""
         if self.options["selector_epochs"]:
             train_pixel_selector(self.layer.selector, loader, epochs=self.options["selector_epochs"], lr=self.options["lr_scale"] * 1e-3,
-                                 weight=torch.tensor([1.0, 4.0]), check=self.check_mask)
+                                 weight=torch.tensor(SELECTOR_CE_WEIGHT), check=self.check_mask)
 
     def _dilated(self, pi: torch.Tensor) -> torch.Tensor:
         """``pi`` (B, REGIONS, H, W) with the sensitive region grown by ``dilate`` pixels (a max filter)."""
