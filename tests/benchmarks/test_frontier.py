@@ -4,22 +4,14 @@ and resumes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "frontier.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    spec = importlib.util.spec_from_file_location("frontier_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["frontier_script"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("frontier")
 
 
 def test_plan_puts_the_one_percent_core_first_and_skips_region_defenses_without_masks(frontier):

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "headline.py"
+from .conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def headline():
-    spec = importlib.util.spec_from_file_location("headline_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["headline_script"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("headline")
 
 
 def test_headline_writes_table_plots_readme_and_resumes(headline, tmp_path):
