@@ -45,6 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import headline  # noqa: E402  (the headline's presets, data subsets and attacker settings are reused as they are)
 
+from veil.cli_common import parse_options  # noqa: E402
 from veil.defenses import defense_class  # noqa: E402
 from veil.evaluation.attack import AttackConfig  # noqa: E402
 from veil.evaluation.mutual_information import MIConfig  # noqa: E402
@@ -86,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budgets", default=",".join(f"{b:g}" for b in BUDGETS), help="client budgets as fractions of the server's FLOPs (default: 0.005,0.01,0.03)")
     p.add_argument("--defenses", default=",".join(("none",) + tuple(KNOBS)), help="comma-separated defenses (default: none and every one in KNOBS); none runs once per task, without a budget")
     p.add_argument("--knobs", action="append", default=[], metavar="DEFENSE=V1,V2", help="override a defense's knob values (repeatable)")
+    p.add_argument("--option", action="append", default=[], metavar="DEFENSE:KEY=VALUE", help="a defense option other than its knob (repeatable; e.g. scnl-region:box=14); such runs are kept apart and labelled 'DEFENSE[KEY=VALUE]'")
     p.add_argument("--model", default=MODEL, help=f"server model (default {MODEL}, the strongest veil has)")
     p.add_argument("--out", default="benchmarks/results/frontier", help="output folder")
     headline.add_size_args(p)  # --tiny, --cpu, --train-size, --epochs, --attack-*, --attackers, --device, --seed, --threads
@@ -119,6 +121,28 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def parse_defense_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["scnl-region:box=14"]`` -> ``{"scnl-region": {"box": 14}}`` (defense names checked, values as JSON where they parse)."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, sep, option = item.partition(":")
+        if not sep or "=" not in option:
+            raise ValueError(f"--option takes DEFENSE:KEY=VALUE, got {item!r}")
+        defense_class(name)
+        out.setdefault(name, []).append(option)
+    return {name: parse_options(options) for name, options in out.items()}
+
+
+def variant(options: dict[str, Any]) -> str:
+    """A run's options as a label (``box=14``; empty for the defaults)."""
+    return ",".join(f"{k}={options[k]}" for k in sorted(options))
+
+
+def base(label: str) -> str:
+    """The defense a row's label names (``scnl-region[box=14]`` -> ``scnl-region``)."""
+    return label.split("[", 1)[0]
+
+
 def plan(args: argparse.Namespace) -> list[tuple[str, float | None, str, float | None]]:
     """(task, budget, defense, knob) for every run; budget None for the undefended server."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -145,8 +169,11 @@ def plan(args: argparse.Namespace) -> list[tuple[str, float | None, str, float |
     return runs
 
 
-def group_dir(out: Path, task: str, budget: float | None) -> Path:
-    return out / "runs" / task / ("server" if budget is None else f"budget={budget:g}")
+def group_dir(out: Path, task: str, budget: float | None, options: dict[str, Any] | None = None) -> Path:
+    """Where a run's folder goes: OUT/runs/TASK/budget=B (runs with options other than the defaults in a
+    sub-folder named after them, so that they never resume into the default's runs)."""
+    path = out / "runs" / task / ("server" if budget is None else f"budget={budget:g}")
+    return path / f"options={variant(options)}" if options else path
 
 
 def best_attack(row: dict[str, Any]) -> float | None:
@@ -163,7 +190,10 @@ def collect(out: Path) -> list[dict[str, Any]]:
         p = read_json(f)
         row = flatten(p)
         budget = (p.get("train_config") or {}).get("client_budget")
+        options = (p.get("train_config") or {}).get("defense_options") or {}
         row.update({"budget": budget, "best_attack": best_attack(row), "model": (p.get("train_config") or {}).get("model")})
+        if options:  # a variant: its own label in every table and its own line in the plot
+            row["defense"] = f"{row['defense']}[{variant(options)}]"
         rows.append(row)
     rows.sort(key=lambda r: (r["task"], -1 if r["budget"] is None else r["budget"], r["defense"], -math.inf if r["knob_value"] is None else float(r["knob_value"])))
     return rows
@@ -180,8 +210,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             local = next((r for r in group if r["defense"] == "local"), None)
             floor = next((r["primary_only_floor"] for r in group if r.get("primary_only_floor") is not None), None)
             hidden = [r for r in group if r["best_attack"] is not None and floor is not None and r["best_attack"] <= floor + MARGIN]
-            veil = max((r for r in hidden if r["defense"] in VEIL), key=lambda r: r["primary_acc"], default=None)
-            peer = max((r for r in hidden if r["defense"] not in VEIL + ("local",)), key=lambda r: r["primary_acc"], default=None)
+            veil = max((r for r in hidden if base(r["defense"]) in VEIL), key=lambda r: r["primary_acc"], default=None)
+            peer = max((r for r in hidden if base(r["defense"]) not in VEIL + ("local",)), key=lambda r: r["primary_acc"], default=None)
             gap = None
             if none and local and veil and none["primary_acc"] > local["primary_acc"]:
                 gap = (veil["primary_acc"] - local["primary_acc"]) / (none["primary_acc"] - local["primary_acc"])
@@ -262,7 +292,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
             for d in defenses:
                 pts = sorted((r for r in group if r["defense"] == d and r["best_attack"] is not None), key=lambda r: -math.inf if r["knob_value"] is None else float(r["knob_value"]))
                 if pts:
-                    style = "-o" if d in VEIL else ":s"
+                    style = "-o" if base(d) in VEIL else ":s"
                     ax.plot([r["best_attack"] for r in pts], [r["primary_acc"] for r in pts], style, color=colors[d], ms=4, label=d)
             local = next((r for r in group if r["defense"] == "local"), None)
             if local is not None:
@@ -328,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shard, shards = parse_shard(args.shard)
     runs = plan(args)[shard - 1 :: shards]
+    options = parse_defense_options(args.option)
     evaluation = EvalConfig(
         attack=AttackConfig(seed=args.seed, **s["attack"]),
         reconstruction=None if args.no_extras else ReconstructionConfig(seed=args.seed, **s["recon"]),
@@ -339,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     for i, (task, budget, defense, knob) in enumerate(runs):
         t_run = time.time()
         log(f"== [{i + 1}/{len(runs)}] {task} budget={budget} {defense} knob={knob if knob is not None else 'default'}")
-        train = {"epochs": s["epochs"], "train_size": s["train_size"], "batch_size": s["batch_size"], "seed": args.seed, "model": args.model, "client_budget": budget, "lr_schedule": "cosine"}
+        train = {"epochs": s["epochs"], "train_size": s["train_size"], "batch_size": s["batch_size"], "seed": args.seed, "model": args.model, "client_budget": budget, "lr_schedule": "cosine",
+                 "defense_options": options.get(defense, {})}
         try:
             if task not in data:
                 data[task] = headline.load_smaller(task, s, args.seed)
-            sweep(task, defense, [knob], group_dir(out, task, budget), train=train, evaluation=evaluation, data=data[task], log=log)
+            sweep(task, defense, [knob], group_dir(out, task, budget, options.get(defense)), train=train, evaluation=evaluation, data=data[task], log=log)
         except ValueError as err:
             if "cannot fit a client budget" in str(err) or "over the budget" in str(err):
                 skipped.append({"task": task, "budget": budget, "defense": defense, "knob": knob, "why": str(err)})

@@ -49,3 +49,17 @@ def test_frontier_smoke_run_writes_table_plot_and_resumes(frontier, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("privacy.json")}
     assert frontier.main(args) == 0  # finished runs are skipped
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("privacy.json")} == before
+
+
+def test_defense_options_keep_their_runs_apart_and_are_labelled(frontier, tmp_path):
+    assert frontier.parse_defense_options(["scnl-region:box=14", "scnl-region:dilate=1", "ani:name=x"]) == {"scnl-region": {"box": 14, "dilate": 1}, "ani": {"name": "x"}}
+    for bad in ("box=14", "scnl-region:box", "no-such-defense:box=1"):
+        with pytest.raises(ValueError):
+            frontier.parse_defense_options([bad])
+    assert frontier.group_dir(tmp_path, "t", 0.01, {"box": 14}) == tmp_path / "runs" / "t" / "budget=0.01" / "options=box=14"
+    assert frontier.group_dir(tmp_path, "t", 0.01, {}) == tmp_path / "runs" / "t" / "budget=0.01"
+    # a variant of a veil defense counts as veil's, under its own label
+    rows = [{"task": "t", "budget": b, "defense": d, "knob_value": k, "primary_acc": p, "best_attack": a, "primary_only_floor": 0.1, "client_flops_share": 0.01}
+            for b, d, k, p, a in [(None, "none", None, 0.8, 0.9), (0.01, "local", None, 0.5, 0.1), (0.01, "scnl-region[box=14]", 0.1, 0.78, 0.12)]]
+    (s,) = frontier.summarise(rows)
+    assert s["veil_best"] == "scnl-region[box=14] 0.1" and s["gap_closed"] == pytest.approx(0.28 / 0.3)

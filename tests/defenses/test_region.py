@@ -184,3 +184,24 @@ def test_dilate_grows_the_sensitive_region_and_content_scale_sets_the_content_no
     scale = F.softplus(d.layer.scale) + d.options["min_scale"]
     assert torch.allclose(scale[0], torch.full_like(scale[0], 0.05), atol=1e-6)  # content
     assert torch.allclose(scale[1], torch.full_like(scale[1], 0.5), atol=1e-6)  # sensitive
+
+
+def test_box_selection_hides_one_whole_box_of_the_given_side():
+    with pytest.raises(ValueError, match="box"):
+        create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, box=13)
+    with pytest.raises(ValueError, match="train_selector_alone"):
+        create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, box=4, train_selector_alone=False)
+    x, mask = _tag_batch(64)
+    y = torch.zeros(64, dtype=torch.long)
+    batches = [(x[i : i + 16], y[i : i + 16], mask[i : i + 16]) for i in range(0, 64, 16)]
+    torch.manual_seed(0)
+    d = create_defense("scnl-region", input_shape=(1, 12, 12), num_classes=3, box=4, selector_epochs=40)
+    d.setup(None, batches)
+    d.eval()
+    with torch.no_grad():
+        pi = d._selected(d.layer.selector(x))
+    assert torch.equal(pi[:, 1].flatten(1).sum(1), torch.full((64,), 16.0))  # one 4x4 box per record, whole
+    hit = ((pi[:, 1] == 1) & (mask[:, 0] == 1)).flatten(1).sum(1) / mask[:, 0].flatten(1).sum(1)
+    assert float(hit.mean()) > 0.7, float(hit.mean())  # and it is where the tag is
+    h = d.encode(x)
+    assert h.shape == x.shape and torch.isfinite(h).all()

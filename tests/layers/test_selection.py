@@ -63,3 +63,22 @@ def test_expand_selection_broadcasting_and_errors():
         expand_selection(torch.ones(2, 4), 3, 3)
     with pytest.raises(ValueError, match="dimensions"):
         expand_selection(torch.ones(2, 3, 4), 3, 3)
+
+
+def test_best_box_finds_the_highest_scoring_square():
+    from veil.layers.selection import best_box
+
+    score = torch.full((3, 1, 10, 12), -1.0)
+    score[0, 0, 2:6, 5:9] = 2.0  # a 4x4 block
+    score[1, 0, 6:10, 0:4] = 2.0  # in a corner
+    score[2, 0, 0, 0] = 5.0  # a single hot pixel among cold ones: a box containing it wins
+    box = best_box(score, 4)
+    assert box.shape == score.shape and set(box.unique().tolist()) <= {0.0, 1.0}
+    assert box.flatten(1).sum(1).tolist() == [16.0, 16.0, 16.0]
+    assert torch.equal(box[0, 0, 2:6, 5:9], torch.ones(4, 4)) and torch.equal(box[1, 0, 6:10, 0:4], torch.ones(4, 4))
+    assert float(box[2, 0, 0, 0]) == 1.0
+    for bad in (0, 11, 2.5):
+        with pytest.raises(ValueError, match="box side"):
+            best_box(score, bad)
+    with pytest.raises(ValueError, match="score"):
+        best_box(score[:, 0], 4)

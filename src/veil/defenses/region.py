@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.scnl import SCNLAdditive, scale_learning_rate
-from veil.layers.selection import PixelSelection, train_pixel_selector
+from veil.layers.selection import PixelSelection, best_box, train_pixel_selector
 
 REGIONS = 2  # content, sensitive
 #: The selector's cross-entropy weights per region: the sensitive region is the smaller one (about 1/8 of the
@@ -78,6 +78,10 @@ class SCNLRegion(Defense):
             region's (1: the whole output charged alike; 0: only the sensitive region is charged, so the
             content the task needs passes as the task trains it, and what hides the secret is the sensitive
             region's closed gain, its charge, and the selector's errs-toward-hiding weighting).
+        box: Side (pixels) of the sensitive region where it is known to be one square box per record (a tag,
+            a plate of known size): the selector's per-pixel log-odds are summed over every box position and
+            the best box is hidden, whole, in training and at inference (0: per-pixel selection). Needs
+            ``train_selector_alone`` (an argmax has no gradient).
     """
 
     name: ClassVar[str] = "scnl-region"
@@ -106,6 +110,7 @@ class SCNLRegion(Defense):
         dilate: int = 0,
         train_selector_alone: bool = True,
         selector_epochs: int = 20,
+        box: int = 0,
     ) -> None:
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         if not (isinstance(lambda_, (int, float)) and math.isfinite(lambda_) and lambda_ >= 0):
@@ -129,12 +134,16 @@ class SCNLRegion(Defense):
             raise ValueError(f"selector_epochs must be an integer in [0, 1000], got {selector_epochs!r}")
         if isinstance(dilate, bool) or not (isinstance(dilate, int) and 0 <= dilate <= 8):
             raise ValueError(f"dilate must be an integer in [0, 8], got {dilate!r}")
+        if isinstance(box, bool) or not (isinstance(box, int) and 0 <= box <= min(self.input_shape[1:])):
+            raise ValueError(f"box must be an integer in [0, {min(self.input_shape[1:])}] (0: per-pixel selection), got {box!r}")
+        if box and not train_selector_alone:
+            raise ValueError("box selection takes the selector's best box (an argmax, no gradient): it needs train_selector_alone=true")
         self.options = dict(
             lambda_=float(lambda_), selector_width=int(selector_width), hard_fraction=float(hard_fraction),
             selector_weight=float(selector_weight), init_scale=float(init_scale), bound=float(bound),
             min_scale=float(min_scale), lr_scale=float(lr_scale), sharpen=sharpen, content_charge=float(content_charge),
             content_scale=None if content_scale is None else float(content_scale), dilate=int(dilate),
-            train_selector_alone=train_selector_alone, selector_epochs=int(selector_epochs),
+            train_selector_alone=train_selector_alone, selector_epochs=int(selector_epochs), box=int(box),
         )
         self.lambda_ = float(lambda_)
         layer = SCNLAdditive(self.input_shape, REGIONS, "gaussian", init_scale=float(init_scale), bound=float(bound), min_scale=float(min_scale))
@@ -178,13 +187,15 @@ class SCNLRegion(Defense):
             onehot = torch.cat([1 - m, m], 1)  # (B, REGIONS, H, W)
             if self.training and self.options["hard_fraction"] < 1:
                 hard = (torch.rand(b, device=x.device) < self.options["hard_fraction"]).view(b, 1, 1, 1)
-                pi = torch.where(hard, onehot, self._dilated(torch.softmax(chosen, 1)))
+                pi = torch.where(hard, onehot, self._selected(chosen))
             else:
                 pi = onehot
+        elif self.options["box"]:
+            pi = self._selected(chosen)
         elif self.options["sharpen"] and not self.training:
             pi = self._dilated(F.one_hot(logits.argmax(1), REGIONS).permute(0, 3, 1, 2).to(x.dtype))
         else:
-            pi = self._dilated(torch.softmax(chosen, 1))
+            pi = self._selected(chosen)
         params = self.layer.distribution.constrain(self.layer.raw(x, pi=pi.unsqueeze(2)))
         h = self.layer.distribution.rsample(params)
         kl = self.layer.kl(params)  # (B, C, H, W)
@@ -204,6 +215,13 @@ class SCNLRegion(Defense):
         if self.options["selector_epochs"]:
             train_pixel_selector(self.layer.selector, loader, epochs=self.options["selector_epochs"], lr=self.options["lr_scale"] * 1e-3,
                                  weight=torch.tensor(SELECTOR_CE_WEIGHT), check=self.check_mask)
+
+    def _selected(self, logits: torch.Tensor) -> torch.Tensor:
+        """The selector's soft selection (B, REGIONS, H, W), or with ``box`` its best box, one-hot."""
+        if self.options["box"]:
+            box = best_box(logits[:, 1:] - logits[:, :1], self.options["box"])  # log-odds summed over each box
+            return self._dilated(torch.cat([1 - box, box], 1))
+        return self._dilated(torch.softmax(logits, 1))
 
     def _dilated(self, pi: torch.Tensor) -> torch.Tensor:
         """``pi`` (B, REGIONS, H, W) with the sensitive region grown by ``dilate`` pixels (a max filter)."""

@@ -160,6 +160,33 @@ def train_pixel_selector(selector: nn.Module, batches: Any, *, epochs: int, lr: 
             opt.step()
 
 
+def best_box(score: torch.Tensor, side: int) -> torch.Tensor:
+    """The square box of ``side`` pixels with the largest summed ``score``, one per record.
+
+    Args:
+        score: (B, 1, H, W) per-pixel score (e.g. a selector's log-odds for the sensitive region).
+        side: The box's side in pixels, 1 <= side <= min(H, W).
+
+    Returns:
+        (B, 1, H, W) float mask, 1 inside each record's best box. The sums come from an integral image
+        (a few additions per position), so the search costs next to nothing beside the selector.
+    """
+    if score.dim() != 4 or score.shape[1] != 1:
+        raise ValueError(f"score must have shape (B, 1, H, W), got {tuple(score.shape)}")
+    b, _, h, w = score.shape
+    if not (isinstance(side, int) and 1 <= side <= min(h, w)):
+        raise ValueError(f"box side must be an integer in [1, {min(h, w)}], got {side!r}")
+    integral = F.pad(score[:, 0].cumsum(1).cumsum(2), (1, 0, 1, 0))  # (B, H+1, W+1)
+    sums = integral[:, side:, side:] - integral[:, :-side, side:] - integral[:, side:, :-side] + integral[:, :-side, :-side]
+    best = sums.flatten(1).argmax(1)  # (B,) over the (H-side+1) x (W-side+1) positions
+    top, left = best // (w - side + 1), best % (w - side + 1)
+    rows = torch.arange(h, device=score.device).view(1, h)
+    cols = torch.arange(w, device=score.device).view(1, w)
+    in_rows = (rows >= top.view(b, 1)) & (rows < top.view(b, 1) + side)  # (B, H)
+    in_cols = (cols >= left.view(b, 1)) & (cols < left.view(b, 1) + side)  # (B, W)
+    return (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1).to(score.dtype)
+
+
 def expand_selection(pi: torch.Tensor, num_classes: int, ndim: int) -> torch.Tensor:
     """Reshape a selection so it broadcasts against a per-class tensor (B, C, *T) with ``len(T) = ndim``.
 
