@@ -81,7 +81,9 @@ class SCNLRegion(Defense):
         box: Side (pixels) of the sensitive region where it is known to be one square box per record (a tag,
             a plate of known size): the selector's per-pixel log-odds are summed over every box position and
             the best box is hidden, whole, in training and at inference (0: per-pixel selection). Needs
-            ``train_selector_alone`` (an argmax has no gradient).
+            ``train_selector_alone`` (an argmax has no gradient). fashion-tag (tag side 14) at a 1% budget,
+            3000 records x 4: primary 0.748 and tag attack 0.117 with ``box=14``, against 0.732 / 0.143
+            per pixel (undefended 0.754): the per-pixel selector found 90% of the tag's ink, the box 94%.
     """
 
     name: ClassVar[str] = "scnl-region"
