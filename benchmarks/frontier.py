@@ -60,7 +60,9 @@ MODEL = "resnet"
 #: Attack within this much of the floor counts as "hidden" (the issue's goal: floor + 5 points).
 MARGIN = 0.05
 #: Defenses run in the frontier (those with a client network the budget sizes), with their knob values.
-#: Fewer points than the headline: the headline maps each range; here the ranges are its informative part.
+#: Fewer points than the headline: the headline maps each range; here the ranges are its informative part
+#: (each peer at the working point where it keeps the task and at the private end where the headline's probes
+#: brought its attack down).
 KNOBS: dict[str, list[float | None]] = {
     "local": [None],
     "scnl": [1.0, 10.0],
@@ -68,10 +70,10 @@ KNOBS: dict[str, list[float | None]] = {
     "scnl-adaptive": [1.0],
     "scnl-region": [0.1, 0.3, 1.0],  # tasks with region masks only
     "ani": [3e-5, 4.5e-5],
-    "cloak": [1.0],
-    "shredder": [50.0],
-    "sample-and-hold": [0.5],
-    "svd": [0.3],
+    "cloak": [1.0, 3.0],
+    "shredder": [50.0, 500.0],
+    "sample-and-hold": [0.5, 0.9],
+    "svd": [0.3, 0.1],
 }
 #: veil's own defenses (the SCNL family), for "veil's best defense" in the summary.
 VEIL = ("scnl", "scnl-private", "scnl-adaptive", "scnl-joint", "scnl-twostage", "scnl-region")
