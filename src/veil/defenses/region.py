@@ -192,9 +192,7 @@ class SCNLRegion(Defense):
                 pi = torch.where(hard, onehot, self._selected(chosen))
             else:
                 pi = onehot
-        elif self.options["box"]:
-            pi = self._selected(chosen)
-        elif self.options["sharpen"] and not self.training:
+        elif self.options["sharpen"] and not self.training and not self.options["box"]:  # a box is one-hot already
             pi = self._dilated(F.one_hot(logits.argmax(1), REGIONS).permute(0, 3, 1, 2).to(x.dtype))
         else:
             pi = self._selected(chosen)
