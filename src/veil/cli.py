@@ -63,11 +63,12 @@ def list_cmd() -> None:
     table.add_column("name")
     table.add_column("knob")
     table.add_column("more private when knob is")
+    table.add_column("client learns from")
     table.add_column("what it is")
     for name in list_defenses():
         cls = defense_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        table.add_row(name, cls.knob or "-", ("larger" if cls.knob_direction > 0 else "smaller") if cls.knob else "-", doc)
+        table.add_row(name, cls.knob or "-", ("larger" if cls.knob_direction > 0 else "smaller") if cls.knob else "-", cls.uses, doc)
     Console().print(table)
     Console().print(f"tasks: {', '.join(list_tasks())}, npz:PATH, idx:DIR")
     from veil.detection.tasks import DETECTION_TASKS

@@ -98,6 +98,11 @@ class Defense(nn.Module, abc.ABC):
     #: Whether ``encode`` takes ``mask=`` (B, 1, H, W): the sensitive region, where the data owner knows it
     #: (region selection). :meth:`encode_batch` hands it over; other defenses never see a mask.
     uses_mask: ClassVar[bool] = False
+    #: What the client-side obfuscator learns from, beyond the records: ``"y"`` (the primary labels, through
+    #: the task loss), ``"y,mask"`` (also the data owner's region masks), ``"mask"``, ``"y,z"`` (also the
+    #: secret's labels for some records) or ``"none"`` (nothing is learnt on the client). Every result row
+    #: carries it: a method that uses masks is compared with redaction, one that uses y with ``local``.
+    uses: ClassVar[str] = "y"
     #: The training recipe the method's paper prescribes (``None``: the run's own lr and schedule, Adam).
     recipe: ClassVar[Recipe | None] = None
 

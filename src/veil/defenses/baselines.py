@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -12,6 +12,7 @@ from veil.defenses.base import Defense
 class NoDefense(Defense):
     """Sends the record in the clear: ``encode(x) = x``. The utility ceiling and privacy floor."""
 
+    uses: ClassVar[str] = "none"
     name = "none"
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,6 +26,7 @@ class GaussianNoise(Defense):
     Knob: ``sigma`` (larger = more private). Nothing trains; the server model adapts to the noise.
     """
 
+    uses: ClassVar[str] = "none"
     name = "gaussian"
     knob = "sigma"
 

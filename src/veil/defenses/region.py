@@ -86,6 +86,7 @@ class SCNLRegion(Defense):
             per pixel (undefended 0.754): the per-pixel selector found 90% of the tag's ink, the box 94%.
     """
 
+    uses: ClassVar[str] = "y,mask"
     name: ClassVar[str] = "scnl-region"
     knob: ClassVar[str] = "lambda_"
     knob_direction: ClassVar[int] = 1

@@ -71,6 +71,7 @@ class SCNLDetect(Defense):
     knob: ClassVar[str] = "lambda_"
     knob_direction: ClassVar[int] = 1
     budget_option: ClassVar[str] = "selector_width"
+    uses: ClassVar[str] = "y,mask"
     uses_mask: ClassVar[bool] = True
 
     def __init__(
