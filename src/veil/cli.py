@@ -89,6 +89,7 @@ def train(
     lr: float = config_option(TrainConfig, "lr", help="Adam learning rate."),
     lr_schedule: str = config_option(TrainConfig, "lr_schedule", help="constant, or cosine (decay to 0 over each training stage)."),
     client_budget: Optional[float] = config_option(TrainConfig, "client_budget", help="Client FLOPs allowed, as a fraction of the server model's (e.g. 0.01): sizes the defense's client network; refused if it cannot fit."),
+    patience: Optional[int] = config_option(TrainConfig, "patience", help="Early stopping: stop the last training stage after this many epochs without a better validation accuracy and keep the best epoch's weights (--epochs is then the cap). Off by default."),
     seed: int = config_option(TrainConfig, "seed", help="Seed for data order, initialisation and training noise."),
     train_size: Optional[int] = config_option(TrainConfig, "train_size", min=1, help="Use only this many training records."),
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
@@ -107,6 +108,8 @@ def train(
     if _is_detection(task, model):  # mnist-scenes, digits-scenes, coco:...; --model detector
         if device == "cuda":  # auto falls back to the CPU here
             _fail(ValueError("--device cuda: detection tasks train on the CPU only"))
+        if patience is not None:
+            _fail(ValueError("--patience: early stopping applies to classification tasks; detection trains every epoch"))
         from veil.detection.commands import train_cmd as train_detection
 
         try:
@@ -116,7 +119,7 @@ def train(
             _fail(err)
         return
     try:
-        config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule, client_budget=client_budget)
+        config = TrainConfig(task=task, defense=defense, knob=lam, defense_options=_parse_options(option), model=model, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, train_size=train_size, lr_schedule=lr_schedule, client_budget=client_budget, patience=patience)
         from veil.training.distributed import launched, train_run_distributed
 
         # under torchrun (WORLD_SIZE > 1) every process trains its share; rank 0 writes and prints

@@ -29,6 +29,8 @@ _REGISTRY: dict[str, str] = {
     "scnl-twostage": "veil.defenses.scnl:SCNLTwoStage",
     "scnl-private": "veil.defenses.scnl:SCNLPrivate",
     "scnl-region": "veil.defenses.region:SCNLRegion",
+    "redact": "veil.defenses.redact:Redaction",
+    "redact-oracle": "veil.defenses.redact:OracleRedaction",
     "scnl-detect": "veil.detection.defense:SCNLDetect",
 }
 

@@ -103,6 +103,9 @@ class Defense(nn.Module, abc.ABC):
     #: secret's labels for some records) or ``"none"`` (nothing is learnt on the client). Every result row
     #: carries it: a method that uses masks is compared with redaction, one that uses y with ``local``.
     uses: ClassVar[str] = "y"
+    #: Whether the true region mask reaches ``encode`` at every exposure, inference included (a bound such as
+    #: ``redact-oracle``, not a deployable client): callers hand it over through :meth:`mask_for`.
+    oracle_mask: ClassVar[bool] = False
     #: The training recipe the method's paper prescribes (``None``: the run's own lr and schedule, Adam).
     recipe: ClassVar[Recipe | None] = None
 
@@ -133,6 +136,11 @@ class Defense(nn.Module, abc.ABC):
         if self.uses_mask and mask is not None:
             return self.encode(x, y, mask=mask)  # type: ignore[call-arg]
         return self.encode(x, y)
+
+    def mask_for(self, labelled: bool, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The region ``mask`` a caller hands to :meth:`encode_batch`: where the data owner knows the label
+        (the training exposure), or always for an oracle (:attr:`oracle_mask`); else None."""
+        return mask if (labelled or self.oracle_mask) else None
 
     def decode(self, m: torch.Tensor) -> torch.Tensor:
         """Server-side step from the transmitted message to the task model's input. Identity here."""

@@ -24,13 +24,19 @@ MAX_SIZE = 256
 
 
 def client_share(name: str, options: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, model: str) -> float:
-    """Measured client FLOPs of defense ``name`` with ``options`` as a share of the server model's FLOPs."""
-    defense = create_defense(name, input_shape=input_shape, num_classes=num_classes, **options).eval()
-    server = create_model(model, defense.output_shape(), num_classes)
-    client = count_flops(lambda x: defense.encode(x), defense.input_shape)
-    with torch.no_grad():
-        message_shape = tuple(defense.encode(torch.rand(1, *defense.input_shape)).shape[1:])
-    return client / max(1, count_flops(lambda m: server(defense.decode(m)), message_shape))
+    """Measured client FLOPs of defense ``name`` with ``options`` as a share of the server model's FLOPs.
+
+    Measured on a defense initialised from a fixed seed, inside a forked random state: a method whose
+    cost depends on its weights (scnl-detect's per-object regions) gives one answer for one size, and the
+    caller's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        defense = create_defense(name, input_shape=input_shape, num_classes=num_classes, **options).eval()
+        server = create_model(model, defense.output_shape(), num_classes)
+        client = count_flops(lambda x: defense.encode(x), defense.input_shape)
+        with torch.no_grad():
+            message_shape = tuple(defense.encode(torch.rand(1, *defense.input_shape)).shape[1:])
+        return client / max(1, count_flops(lambda m: server(defense.decode(m)), message_shape))
 
 
 def fit_client_budget(

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.scnl import SCNLAdditive, scale_learning_rate
-from veil.layers.selection import PixelSelection, best_box, train_pixel_selector
+from veil.layers.selection import PixelSelection, best_box, check_region_mask, train_pixel_selector
 
 REGIONS = 2  # content, sensitive
 #: The selector's cross-entropy weights per region: the sensitive region is the smaller one (about 1/8 of the
@@ -167,13 +167,7 @@ class SCNLRegion(Defense):
 
     def check_mask(self, mask: torch.Tensor, batch: int) -> torch.Tensor:
         """Validate a (B, 1, H, W) 0/1 region mask; return it as float."""
-        want = (batch, 1, *self.input_shape[1:])
-        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
-            raise ValueError(f"mask must be a tensor of shape {want} (1 on the sensitive region), got {tuple(getattr(mask, 'shape', ()))}")
-        m = mask.float()
-        if not torch.all((m == 0) | (m == 1)):
-            raise ValueError("mask values must be 0 or 1")
-        return m
+        return check_region_mask(mask, batch, self.input_shape[1:])
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Client side. x (B, C, H, W) [+ mask (B, 1, H, W)] -> h (B, C, H, W), a fresh sample.

@@ -532,7 +532,7 @@ def _messages(defense: Defense, split: Split, exposure: str, k: int = 1) -> torc
     else:
         raise ValueError(f"unknown exposure {exposure!r}; valid: {', '.join(ATTACK_EXPOSURES)}")
     # the data owner's knowledge (label, region mask) reaches encode only where it is known
-    y, mask = (split.y, split.mask) if labelled else (None, None)
+    y, mask = (split.y if labelled else None), sender.mask_for(labelled, split.mask)
     # vector messages whose width varies from call to call (SVD) are padded to one width, here across the
     # k draws and in attack_exposure across views and splits (common_width)
     draws = common_width(*(_encode(sender, split.x, y, mask) for _ in range(k)))

@@ -140,6 +140,17 @@ class PixelSelection(nn.Module):
         return F.interpolate(self.net(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def check_region_mask(mask: Any, batch: int, hw: tuple[int, ...]) -> torch.Tensor:
+    """Validate a (B, 1, H, W) 0/1 region mask (1 on the sensitive region); return it as float."""
+    want = (batch, 1, *hw)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != want:
+        raise ValueError(f"mask must be a tensor of shape {want} (1 on the sensitive region), got {tuple(getattr(mask, 'shape', ()))}")
+    m = mask.float()
+    if not torch.all((m == 0) | (m == 1)):
+        raise ValueError("mask values must be 0 or 1")
+    return m
+
+
 def train_pixel_selector(selector: nn.Module, batches: Any, *, epochs: int, lr: float, weight: torch.Tensor, check: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
     """Train a per-pixel selector alone on region maps: ``epochs`` passes over ``batches`` (each ends with
     the (B, 1, H, W) region map; ``check(map, batch)`` validates it and returns what the cross-entropy

@@ -104,6 +104,10 @@ class TrainConfig:
         client_budget: Client FLOPs allowed as a fraction of the server model's (``None``: the defense's
             own size). Sizes the defense's client network (:mod:`veil.defenses.budget`); a budget the
             defense cannot meet is refused.
+        patience: Early stopping (``None``: off, every epoch runs). In the last stage (the one whose
+            weights are deployed), training stops after ``patience`` epochs without a better validation
+            accuracy, and the weights of the best epoch are kept. ``epochs`` is then the cap. Earlier
+            stages of a multi-stage defense always run their share.
     """
 
     task: str = "digits-lt5"
@@ -118,9 +122,12 @@ class TrainConfig:
     train_size: int | None = None
     lr_schedule: str = "constant"
     client_budget: float | None = None
+    patience: int | None = None
 
     def __post_init__(self) -> None:
         check_seed(self.seed)
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or not 1 <= self.patience <= MAX_EPOCHS):
+            raise ValueError(f"patience must be an integer in [1, {MAX_EPOCHS}] (epochs without a better validation accuracy), got {self.patience!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.epochs > MAX_EPOCHS:
@@ -239,7 +246,7 @@ def train_step(
     ``mask``: the records' region masks, handed to region-selection defenses in stages that use labels
     (what the data owner knows), ignored otherwise.
     """
-    m = defense.encode_batch(x, y if stage.use_labels else None, mask if stage.use_labels else None)
+    m = defense.encode_batch(x, y if stage.use_labels else None, defense.mask_for(stage.use_labels, mask))
     logits = model(defense.decode(m))
     loss = F.cross_entropy(logits, y) + defense.penalty()
     return loss, logits
@@ -271,8 +278,8 @@ def accuracy(defense: Defense, model: nn.Module, split: Split, *, use_labels: bo
     correct = 0
     for i in range(0, len(split), batch_size):
         x, y = split.x[i : i + batch_size].to(device), split.y[i : i + batch_size].to(device)
-        mask = split.mask[i : i + batch_size].to(device) if use_labels and split.mask is not None else None
-        logits = model(defense.decode(defense.encode_batch(x, y if use_labels else None, mask)))
+        mask = split.mask[i : i + batch_size].to(device) if split.mask is not None else None
+        logits = model(defense.decode(defense.encode_batch(x, y if use_labels else None, defense.mask_for(use_labels, mask))))
         correct += int((logits.argmax(1) == y).sum())
     defense.train(was[0])
     model.train(was[1])
@@ -286,6 +293,51 @@ def _trainable(defense: Defense, model: nn.Module, stage: Stage) -> list[nn.Para
     if stage.train_model:
         params += list(model.parameters())
     return params
+
+
+def training_state(defense: Defense, model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the defense's and the model's weights (``defense.`` / ``model.`` prefixes)."""
+    out = {f"defense.{k}": v.detach().cpu().clone() for k, v in defense.state_dict().items()}
+    out.update({f"model.{k}": v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def load_training_state(state: dict[str, torch.Tensor], defense: Defense, model: nn.Module) -> None:
+    """Put :func:`training_state`'s weights back (onto wherever ``defense`` and ``model`` are)."""
+    for prefix, module in (("defense.", defense), ("model.", model)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+class EarlyStopping:
+    """Keeps the best validation accuracy's weights and says when ``patience`` epochs brought none better.
+
+    ``past``: the stage's records already run (a resume), whose ``val_acc`` and ``best`` flags it
+    replays; ``best_state``: the weights of the best of them (None: no weights kept yet, so the best so
+    far is the current one, which holds where the best epoch is the last one run).
+    """
+
+    def __init__(self, patience: int, past: list[dict[str, Any]], best_state: dict[str, torch.Tensor] | None) -> None:
+        self.patience, self.state = int(patience), best_state
+        self.best, self.best_epoch, self.epochs = -math.inf, 0, 0
+        for rec in past:
+            self.epochs += 1
+            if rec.get("val_acc", -math.inf) > self.best:
+                self.best, self.best_epoch = rec["val_acc"], self.epochs
+
+    def done(self) -> bool:
+        return self.epochs > 0 and self.epochs - self.best_epoch >= self.patience
+
+    def update(self, val_acc: float, defense: Defense, model: nn.Module) -> bool:
+        """Record one epoch; True (and its weights kept) if it is the best so far."""
+        self.epochs += 1
+        if val_acc > self.best:
+            self.best, self.best_epoch, self.state = val_acc, self.epochs, training_state(defense, model)
+            return True
+        return False
+
+    def restore(self, defense: Defense, model: nn.Module) -> None:
+        if self.state is not None:
+            load_training_state(self.state, defense, model)
 
 
 def fit(
@@ -302,6 +354,8 @@ def fit(
     log: Callable[[str], None] | None = None,
     name: str | None = None,
     device: str | torch.device = DEFAULT_DEVICE,
+    past: list[dict[str, Any]] | None = None,
+    best_state: dict[str, torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` (and ``defense``, on clean records) on ``data``.
 
@@ -322,9 +376,15 @@ def fit(
         device: Where to train (:func:`resolve_device`). ``defense`` and ``model`` are moved there and
             stay there; the records stay on the CPU and go over one batch at a time. Screens and the
             data order are drawn on the CPU whatever the device, the defenses' noise on the device.
+        past: With ``config.patience`` and a resume: the records of the epochs already run (early stopping
+            goes on counting from them).
+        best_state: With ``config.patience`` and a resume: the weights of the best epoch so far
+            (:func:`training_state`), restored if no later epoch beats it.
 
     Returns:
-        One record per epoch: stage, epoch, train loss, train accuracy, validation accuracy (Task only).
+        One record per epoch: stage, epoch, train loss, train accuracy, validation accuracy (Task only);
+        with ``config.patience`` the last stage's records say ``best`` (a new best validation accuracy:
+        the caller may keep these weights) and the last one ``stopped`` where training stopped early.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     engine = isinstance(data, Messages)
@@ -373,6 +433,11 @@ def fit(
         opt = make_optimizer(params, recipe)
         if first and optimizer_state:
             opt.load_state_dict(optimizer_state)
+        stopper = EarlyStopping(config.patience, [r for r in (past or []) if r.get("stage") == stage.name], best_state) if (
+            config.patience is not None and not engine and si == len(stages) - 1) else None
+        if stopper is not None and stopper.done():
+            log(f"[{name}] stage {stage.name}: no better validation accuracy in {config.patience} epoch(s); stopped (resumed after the decision)")
+            first = n_epochs
         for epoch in range(first, n_epochs):
             t0, total, correct, seen = time.time(), 0.0, 0, 0
             # a different but reproducible order every epoch, also after a resume
@@ -405,13 +470,24 @@ def fit(
             if not engine:
                 rec["val_acc"] = accuracy(defense, model, data.val, use_labels=stage.use_labels)
             rec["seconds"] = round(time.time() - t0, 2)
+            if stopper is not None:
+                rec["best"] = stopper.update(rec["val_acc"], defense, model)
+                if stopper.done() or epoch + 1 == n_epochs:
+                    rec["stopped"] = epoch + 1 < n_epochs
             history.append(rec)
             log(
                 f"[{name}] stage {stage.name} ({si + 1}/{len(stages)}) epoch {epoch + 1}/{n_epochs}: loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}"
-                + (f"  val acc {rec['val_acc']:.4f}" if "val_acc" in rec else "") + f"  ({rec['seconds']}s)"
+                + (f"  val acc {rec['val_acc']:.4f}" if "val_acc" in rec else "") + ("  (best)" if rec.get("best") else "") + f"  ({rec['seconds']}s)"
             )
             if on_epoch_end is not None:
-                on_epoch_end(si, epoch + 1, opt, rec)
+                # at the stopping epoch this records the stage as complete, so a resume does not train it again
+                on_epoch_end(si, n_epochs if rec.get("stopped") else epoch + 1, opt, rec)
+            if rec.get("stopped"):
+                log(f"[{name}] stage {stage.name}: no better validation accuracy in {config.patience} epoch(s); stopped after epoch {epoch + 1} of {n_epochs}")
+                break
+        if stopper is not None:
+            stopper.restore(defense, model)
+            log(f"[{name}] kept the weights of epoch {stopper.best_epoch} (validation accuracy {stopper.best:.4f})")
     if defense is not None:
         defense.eval()
     model.eval()

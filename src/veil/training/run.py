@@ -7,6 +7,7 @@ A run folder holds::
     model.safetensors           the server side (task model weights)
     metrics.json                primary accuracy (inference), label read-back (training exposure), client cost, history
     checkpoint.safetensors      while training: weights, optimizer state, progress and random state in one file (resume)
+    best.safetensors            while training with early stopping (``patience``): the best epoch's weights
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from veil.defenses import Defense, create_defense, with_knob
 from veil.io import load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
 from veil.models import count_flops, count_parameters, create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, private_noise, seed_everything
-from veil.training.loop import DEFAULT_DEVICE, TrainConfig, accuracy, fit, module_device, resolve_device
+from veil.training.loop import DEFAULT_DEVICE, TrainConfig, accuracy, fit, module_device, resolve_device, training_state
 
 EXPOSURES = ("inference", "training")
 
@@ -51,10 +52,7 @@ def build(config: TrainConfig, task: Task | None = None) -> tuple[Task, Defense,
     return task, defense, model
 
 
-def _state(defense: Defense, model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {f"defense.{k}": v for k, v in defense.state_dict().items()}
-    out.update({f"model.{k}": v for k, v in model.state_dict().items()})
-    return out
+_state = training_state
 
 
 def _load_state(path: Path, defense: Defense, model: nn.Module, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -192,22 +190,30 @@ def train_run(
         return finished
 
     start, opt_state, history = (0, 0), None, []
-    ckpt = out / CHECKPOINT
+    ckpt, best = out / CHECKPOINT, out / BEST
     for stale in ("progress.json", "optimizer.pt"):  # the checkpoint set of earlier versions
         if (out / stale).exists():
             raise ValueError(f"{out}: holds a checkpoint in an older format ({stale}); delete {out} and train again")
     if ckpt.exists():
         start, opt_state, history = load_checkpoint(ckpt, defense, model, config, data_sha256=data, device=device)
         log(f"{out}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
+    elif best.exists():  # a best epoch's weights without the checkpoint they belong to: from a run that never saved one
+        best.unlink()
+    best_state = load_weights(best) if (config.patience is not None and best.exists()) else None
 
     def checkpoint(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict) -> None:
         check_finite_weights(defense, model)  # a diverged epoch is never saved
         history.append(rec)
+        if rec.get("best"):  # before the checkpoint that names this epoch the best, so a resume finds its weights
+            save_weights(best, _state(defense, model))
         save_checkpoint(ckpt, defense, model, opt, {"stage": si, "epoch": next_epoch, "history": history, "config": config.to_dict(), "data_sha256": data})
 
     t0 = time.time()
     try:
-        fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log, device=device)
+        fit(defense, model, task, config, start=start, optimizer_state=opt_state, on_epoch_end=checkpoint, log=log, device=device,
+            past=list(history), best_state=best_state)
+        if config.patience is not None and best.exists():  # also where a resume found the last stage already stopped
+            _load_state(best, defense, model)
         check_finite_weights(defense, model)
     except BaseException:
         if fresh and not ckpt.exists():  # failed before its first checkpoint: nothing to resume, leave nothing
@@ -219,6 +225,7 @@ def train_run(
     metrics = evaluate_primary(defense, model, task, device=device)
     metrics.update(client_cost(defense, model))
     metrics.update({"defense": defense.name, "knob": defense.knob, "knob_value": defense.knob_value(), "device": str(device), "train_seconds": round(time.time() - t0, 2), "history": history})
+    metrics.update({"uses": defense.uses, "epochs_run": len(history), **_best_epoch(defense, history, config)})
     # what the weights were trained on, checked by load_run (export, evaluate): config.json edited (its
     # seed picks the split) or the data file replaced afterwards is refused, not silently used
     metrics.update({"config": config.to_dict(), "data_sha256": data})
@@ -226,7 +233,19 @@ def train_run(
     save_weights(out / "model.safetensors", model.state_dict())
     write_json(out / "metrics.json", metrics)
     ckpt.unlink(missing_ok=True)
+    best.unlink(missing_ok=True)
     return metrics
+
+
+def _best_epoch(defense: Defense, history: list[dict], config: TrainConfig) -> dict[str, Any]:
+    """With early stopping: which epoch of the last stage was kept, and whether training stopped early."""
+    if config.patience is None:
+        return {}
+    last = [r for r in history if r.get("stage") == defense.stages()[-1].name and "val_acc" in r]
+    if not last:
+        return {}
+    best = max(range(len(last)), key=lambda i: (last[i]["val_acc"], -i))
+    return {"best_epoch": best + 1, "best_val_acc": last[best]["val_acc"], "stopped_early": bool(last[-1].get("stopped"))}
 
 
 def check_finite_weights(defense: Defense, model: nn.Module) -> None:
@@ -240,6 +259,8 @@ def check_finite_weights(defense: Defense, model: nn.Module) -> None:
 #: The one checkpoint file of a run folder: weights, optimizer state, progress and random state together,
 #: written atomically, so a kill at any moment leaves either the previous epoch's set or the new one.
 CHECKPOINT = "checkpoint.safetensors"
+#: With early stopping: the best epoch's weights (defense and model), kept beside the checkpoint until the run ends.
+BEST = "best.safetensors"
 
 
 def save_checkpoint(path: Path, defense: Defense, model: nn.Module, opt: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
@@ -299,7 +320,10 @@ def load_checkpoint(
     if progress.get("data_sha256") != data_sha256 and "data_sha256" in progress:
         raise ValueError(f"{config.task[4:]}: the data changed since {path} was written; delete {path.parent} to train on the new data")
     counts = stage_epochs(defense.stages(), config.epochs)
-    if not (0 <= stage < len(counts) and 1 <= epoch <= counts[stage]) or len(history) != sum(counts[:stage]) + epoch:
+    expected = sum(counts[:stage]) + epoch
+    # a stage ended early (patience) is recorded as complete with fewer epochs of history
+    stopped = bool(history) and isinstance(history[-1], dict) and history[-1].get("stopped") is True and epoch == counts[stage]
+    if not (0 <= stage < len(counts) and 1 <= epoch <= counts[stage]) or not (len(history) == expected or (stopped and len(history) < expected)):
         raise ValueError(
             f"{path}: records stage {stage + 1}, epoch {epoch} with {len(history)} epochs of history, which this run "
             f"({len(counts)} stage(s) of {counts} epochs) cannot have reached; delete it to start over"
@@ -497,7 +521,7 @@ def export_run(
     s = task.split(split)
     generator = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
     training = mode == "training"
-    m = obfuscate(defense, s.x, s.y if training else None, mask=s.mask if training else None, generator=generator)
+    m = obfuscate(defense, s.x, s.y if training else None, mask=defense.mask_for(training, s.mask), generator=generator)
     noise: dict[str, Any] = {"noise": OS_ENTROPY} if noise_seed is None else {"noise": REPRODUCIBLE, "noise_seed": noise_seed}
     info: dict[str, Any] = {"records": len(s), "message_shape": list(m.shape[1:]), "mode": mode, "split": split, **noise}
     message = {"x": m.reshape(len(s), -1).numpy().astype(np.float32), "shape": np.asarray(m.shape[1:], dtype=np.int64)}
