@@ -93,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=MODEL, help=f"server model (default {MODEL}, the strongest veil has)")
     p.add_argument("--out", default="benchmarks/results/frontier", help="output folder")
     headline.add_size_args(p)  # --tiny, --cpu, --train-size, --epochs, --attack-*, --attackers, --device, --seed, --threads
+    p.add_argument("--patience", type=int, default=None, help="early stopping for every run alike: stop after this many epochs without a better validation accuracy and keep the best epoch (--epochs is then the cap; default off)")
     p.add_argument("--no-extras", action="store_true", help="skip the reconstruction attack and the MI estimate (attacks only)")
     p.add_argument("--shard", default="1/1", metavar="I/N", help="run only the I-th of N interleaved parts of the run list (default 1/1)")
     p.add_argument("--report-only", action="store_true", help="only write the tables and the plot from the runs in OUT")
@@ -136,8 +137,9 @@ def parse_defense_options(items: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def variant(options: dict[str, Any]) -> str:
-    """A run's options as a label (``box=14``; empty for the defaults)."""
-    return ",".join(f"{k}={options[k]}" for k in sorted(options))
+    """A run's options as a label (``box=14``; empty for the defaults). A reference run's path
+    (``distill_from``) is labelled ``distill``: the run's own config records which run it was."""
+    return ",".join("distill" if k == "distill_from" else f"{k}={options[k]}" for k in sorted(options))
 
 
 def base(label: str) -> str:
@@ -194,6 +196,11 @@ def collect(out: Path) -> list[dict[str, Any]]:
         budget = (p.get("train_config") or {}).get("client_budget")
         options = (p.get("train_config") or {}).get("defense_options") or {}
         row.update({"budget": budget, "best_attack": best_attack(row), "model": (p.get("train_config") or {}).get("model")})
+        row["uses"] = uses(row)  # what the client learnt from (y, y,mask, mask, none)
+        metrics = f.parent / "metrics.json"
+        if metrics.is_file():  # how long it trained: epochs run, and the epoch kept where early stopping was on
+            m = read_json(metrics)
+            row.update({"epochs_run": m.get("epochs_run", len(m.get("history") or [])), "best_epoch": m.get("best_epoch")})
         if options:  # a variant: its own label in every table and its own line in the plot
             row["defense"] = f"{row['defense']}[{variant(options)}]"
         rows.append(row)
@@ -201,33 +208,59 @@ def collect(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: The baselines that need no obfuscator: the device's own decision, and redaction with the data owner's masks.
+BASELINES = ("local", "redact")
+#: Rows that are neither veil's nor a peer's: the baselines and the bound (the true region blanked).
+NOT_PEERS = BASELINES + ("redact-oracle",)
+
+
+def uses(row: dict[str, Any]) -> str:
+    """What a row's client learnt from (recorded by :func:`collect`, else the defense's own ``uses``)."""
+    return row.get("uses") or defense_class(base(row["defense"])).uses
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per task and budget: none, local, the floor, veil's best hidden defense and the gap it closes."""
+    """Per task and budget: none, the best baselines (local, redact), the bound, the floor, veil's best hidden
+    defense (and its best that learns from y alone) and the gap each closes over the best baseline."""
     out = []
     for task in sorted({r["task"] for r in rows}):
         here = [r for r in rows if r["task"] == task]
         none = next((r for r in here if r["defense"] == "none"), None)
         for budget in sorted({r["budget"] for r in here if r["budget"] is not None}):
             group = [r for r in here if r["budget"] == budget]
-            local = next((r for r in group if r["defense"] == "local"), None)
             floor = next((r["primary_only_floor"] for r in group if r.get("primary_only_floor") is not None), None)
             hidden = [r for r in group if r["best_attack"] is not None and floor is not None and r["best_attack"] <= floor + MARGIN]
-            veil = max((r for r in hidden if base(r["defense"]) in VEIL), key=lambda r: r["primary_acc"], default=None)
-            peer = max((r for r in hidden if base(r["defense"]) not in VEIL + ("local",)), key=lambda r: r["primary_acc"], default=None)
-            gap = None
-            if none and local and veil and none["primary_acc"] > local["primary_acc"]:
-                gap = (veil["primary_acc"] - local["primary_acc"]) / (none["primary_acc"] - local["primary_acc"])
+            best = lambda pick: max((r for r in hidden if pick(r)), key=lambda r: r["primary_acc"], default=None)  # noqa: E731
+            # the best of each baseline's variants (local: every architecture, distilled or not) whose attack is in the margin
+            local = best(lambda r: base(r["defense"]) == "local")
+            redact = best(lambda r: base(r["defense"]) == "redact")
+            oracle = max((r for r in group if base(r["defense"]) == "redact-oracle"), key=lambda r: r["primary_acc"], default=None)
+            baseline = max((r for r in (local, redact) if r is not None), key=lambda r: r["primary_acc"], default=None)
+            veil = best(lambda r: base(r["defense"]) in VEIL)
+            veil_y = best(lambda r: base(r["defense"]) in VEIL and "mask" not in uses(r))
+            peer = best(lambda r: base(r["defense"]) not in VEIL + NOT_PEERS)
+
+            def gap(row: dict[str, Any] | None, against: dict[str, Any] | None) -> float | None:
+                if none and row and against and none["primary_acc"] > against["primary_acc"]:
+                    return (row["primary_acc"] - against["primary_acc"]) / (none["primary_acc"] - against["primary_acc"])
+                return None
+
             out.append({
                 "task": task, "budget": budget, "floor": floor,
-                "none_primary": none and none["primary_acc"], "none_attack": none and none["best_attack"],
-                "local_primary": local and local["primary_acc"], "local_attack": local and local["best_attack"],
+                "none_primary": none and none["primary_acc"], "none_attack": none and none["best_attack"], "none_epochs": none and none.get("epochs_run"),
+                "local_best": _label(local), "local_primary": local and local["primary_acc"], "local_attack": local and local["best_attack"],
                 "local_share": local and local["client_flops_share"],
-                "veil_best": _label(veil),
+                "redact_best": _label(redact), "redact_primary": redact and redact["primary_acc"], "redact_attack": redact and redact["best_attack"],
+                "oracle_primary": oracle and oracle["primary_acc"], "oracle_attack": oracle and oracle["best_attack"],
+                "baseline": _label(baseline), "baseline_primary": baseline and baseline["primary_acc"],
+                "veil_best": _label(veil), "veil_uses": veil and uses(veil),
                 "veil_primary": veil and veil["primary_acc"], "veil_attack": veil and veil["best_attack"],
                 "veil_share": veil and veil["client_flops_share"],
+                "gap_closed": gap(veil, baseline),
+                "veil_y_best": _label(veil_y), "veil_y_primary": veil_y and veil_y["primary_acc"], "veil_y_attack": veil_y and veil_y["best_attack"],
+                "gap_closed_y": gap(veil_y, local),
                 "peer_best": _label(peer),
                 "peer_primary": peer and peer["primary_acc"], "peer_attack": peer and peer["best_attack"],
-                "gap_closed": gap,
             })
     return out
 
@@ -243,25 +276,31 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 
 def summary_markdown(summary: list[dict[str, Any]]) -> str:
-    head = ("task", "budget", "none (server) primary / attack", "local primary / attack", "floor", f"veil best with attack <= floor+{MARGIN:g}", "primary / attack", "gap closed", "best peer within the margin", "primary / attack")
+    head = ("task", "budget", "none primary / attack (epochs)", "best local primary / attack", "best redact primary / attack", "redact-oracle (bound)", "floor",
+            f"veil best with attack <= floor+{MARGIN:g} [uses]", "primary / attack", "gap closed vs best baseline",
+            "veil best from y alone", "primary / attack", "gap closed vs local", "best peer within the margin", "primary / attack")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         lines.append("| " + " | ".join([
-            s["task"], f"{s['budget']:.1%}", f"{_f(s['none_primary'])} / {_f(s['none_attack'])}",
-            f"{_f(s['local_primary'])} / {_f(s['local_attack'])}", _f(s["floor"]), _f(s["veil_best"]),
-            f"{_f(s['veil_primary'])} / {_f(s['veil_attack'])}", _f(s["gap_closed"], ".2f"), _f(s["peer_best"]),
-            f"{_f(s['peer_primary'])} / {_f(s['peer_attack'])}",
+            s["task"], f"{s['budget']:.1%}", f"{_f(s['none_primary'])} / {_f(s['none_attack'])} ({_f(s['none_epochs'], 'd')})",
+            f"{_f(s['local_best'])}: {_f(s['local_primary'])} / {_f(s['local_attack'])}",
+            f"{_f(s['redact_best'])}: {_f(s['redact_primary'])} / {_f(s['redact_attack'])}",
+            f"{_f(s['oracle_primary'])} / {_f(s['oracle_attack'])}", _f(s["floor"]),
+            f"{_f(s['veil_best'])} [{_f(s['veil_uses'])}]", f"{_f(s['veil_primary'])} / {_f(s['veil_attack'])}", _f(s["gap_closed"], ".2f"),
+            _f(s["veil_y_best"]), f"{_f(s['veil_y_primary'])} / {_f(s['veil_y_attack'])}", _f(s["gap_closed_y"], ".2f"),
+            _f(s["peer_best"]), f"{_f(s['peer_primary'])} / {_f(s['peer_attack'])}",
         ]) + " |")
     return "\n".join(lines) + "\n"
 
 
 def runs_markdown(rows: list[dict[str, Any]]) -> str:
-    head = ("task", "budget", "defense", "knob", "primary", "best attack (all exposures)", "inference attack", "floor", "client FLOPs share")
+    head = ("task", "budget", "defense", "uses", "knob", "primary", "best attack (all exposures)", "best attacker", "inference attack", "floor", "client FLOPs share", "epochs run (kept)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
-            r["task"], "server" if r["budget"] is None else f"{r['budget']:.1%}", r["defense"], _f(r["knob_value"], "g"),
-            _f(r["primary_acc"]), _f(r["best_attack"]), _f(r["attack_acc"]), _f(r["primary_only_floor"]), _f(r["client_flops_share"], ".2%"),
+            r["task"], "server" if r["budget"] is None else f"{r['budget']:.1%}", r["defense"], r.get("uses") or "-", _f(r["knob_value"], "g"),
+            _f(r["primary_acc"]), _f(r["best_attack"]), _f(r.get("best_attacker")), _f(r["attack_acc"]), _f(r["primary_only_floor"]), _f(r["client_flops_share"], ".2%"),
+            f"{_f(r.get('epochs_run'), 'd')} ({_f(r.get('best_epoch'), 'd')})",
         ]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -280,7 +319,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
     if not tasks or not budgets:
         return None
     fig, axes = plt.subplots(len(tasks), len(budgets), figsize=(4.2 * len(budgets), 3.6 * len(tasks)), squeeze=False)
-    defenses = sorted({r["defense"] for r in rows if r["defense"] not in ("none", "local")})
+    defenses = sorted({r["defense"] for r in rows if r["defense"] != "none" and base(r["defense"]) != "local"})
     colors = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)}
     for i, task in enumerate(tasks):
         none = next((r for r in rows if r["task"] == task and r["defense"] == "none"), None)
@@ -294,11 +333,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
             for d in defenses:
                 pts = sorted((r for r in group if r["defense"] == d and r["best_attack"] is not None), key=lambda r: -math.inf if r["knob_value"] is None else float(r["knob_value"]))
                 if pts:
-                    style = "-o" if base(d) in VEIL else ":s"
+                    style = "-o" if base(d) in VEIL else "P" if base(d) in NOT_PEERS else ":s"
                     ax.plot([r["best_attack"] for r in pts], [r["primary_acc"] for r in pts], style, color=colors[d], ms=4, label=d)
-            local = next((r for r in group if r["defense"] == "local"), None)
-            if local is not None:
-                ax.plot([local["best_attack"]], [local["primary_acc"]], "D", color="red", ms=8, label="local (on device)")
+            locals_ = [r for r in group if base(r["defense"]) == "local" and r["best_attack"] is not None]
+            if locals_:
+                local = max(locals_, key=lambda r: r["primary_acc"])
+                ax.plot([r["best_attack"] for r in locals_], [r["primary_acc"] for r in locals_], "D", color="red", ms=6, alpha=0.5, label="local variants (on device)")
+                ax.plot([local["best_attack"]], [local["primary_acc"]], "D", color="red", ms=9, label="best local")
                 ax.axhline(local["primary_acc"], color="red", lw=0.8, alpha=0.5)
             if none is not None:
                 ax.plot([none["best_attack"]], [none["primary_acc"]], "*", color="black", ms=11, label="none (server, no defense)")
@@ -322,7 +363,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
 def write_report(out: Path, command: str, settings: dict[str, Any]) -> dict[str, Any]:
     rows = collect(out)
     summary = summarise(rows)
-    csv_rows = [{k: r.get(k) for k in ("task", "budget", "defense", "knob", "knob_value", "model", "primary_acc", "best_attack", "attack_acc", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc", "best_attacker", "primary_only_floor", "majority_floor", "client_flops_share", "psnr", "ssim", "mi_normalised", "run")} for r in rows]
+    csv_rows = [{k: r.get(k) for k in ("task", "budget", "defense", "uses", "knob", "knob_value", "epochs_run", "best_epoch", "model", "primary_acc", "best_attack", "attack_acc", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc", "best_attacker", "primary_only_floor", "majority_floor", "client_flops_share", "psnr", "ssim", "mi_normalised", "run")} for r in rows]
     if csv_rows:
         write_csv(out / "frontier.csv", csv_rows)
     write_json(out / "summary.json", {"margin": MARGIN, "summary": summary, "settings": settings, "command": command})
@@ -332,8 +373,10 @@ def write_report(out: Path, command: str, settings: dict[str, Any]) -> dict[str,
         f"Command:\n\n```\n{command}\n```\n\n",
         f"Settings: {settings}\n\n",
         "Attack = the strongest retrained attacker over every exposure (inference, training with y, train-mode "
-        f"messages, averaged copies). 'Gap closed' = (veil - local) / (none - local) for veil's best defense whose "
-        f"attack is within {MARGIN:g} of the floor.\n\n",
+        f"messages, averaged copies). 'Gap closed' = (veil - baseline) / (none - baseline) for veil's best defense whose "
+        f"attack is within {MARGIN:g} of the floor, where baseline = the better of the best `local` (every on-device "
+        "architecture tried, distilled or not) and the best `redact` (where the task has masks), each within the same margin; "
+        "'from y alone' = veil's best defense that uses no masks, against `local`. 'uses' = what the client learnt from.\n\n",
     ]
     if figure:
         text.append("![frontier](frontier.png)\n\n")
@@ -373,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         t_run = time.time()
         log(f"== [{i + 1}/{len(runs)}] {task} budget={budget} {defense} knob={knob if knob is not None else 'default'}")
         train = {"epochs": s["epochs"], "train_size": s["train_size"], "batch_size": s["batch_size"], "seed": args.seed, "model": args.model, "client_budget": budget, "lr_schedule": "cosine",
-                 "defense_options": options.get(defense, {})}
+                 "defense_options": options.get(defense, {}), "patience": args.patience}
         try:
             if task not in data:
                 data[task] = headline.load_smaller(task, s, args.seed)

@@ -40,6 +40,27 @@ def test_summary_picks_veils_best_hidden_defense_and_the_gap_it_closes(frontier)
     assert frontier.best_attack({"attack_acc": 0.3, "attack_acc_training": 0.5, "attack_acc_training_time": None, "averaging_attack_acc": 0.4}) == 0.5
 
 
+def test_gap_is_closed_over_the_best_baseline_and_mask_users_are_kept_apart(frontier):
+    def row(defense, primary, attack, budget=0.01, knob=None):
+        return {"task": "t", "budget": None if defense == "none" else budget, "defense": defense, "knob_value": knob,
+                "primary_acc": primary, "best_attack": attack, "primary_only_floor": 0.1, "client_flops_share": 0.009}
+
+    rows = [
+        row("none", 0.80, 0.93),
+        row("local", 0.50, 0.10), row("local[arch=dsconv]", 0.70, 0.11),  # the best local is the best variant
+        row("redact[box=14]", 0.75, 0.12), row("redact", 0.79, 0.40),  # a redaction that leaks is no baseline
+        row("redact-oracle", 0.81, 0.10),  # the bound: neither baseline nor peer
+        row("scnl-region[box=14]", 0.78, 0.12, knob=0.1),  # uses masks: judged against redaction
+        row("scnl", 0.72, 0.13, knob=10.0),  # y alone: judged against local
+    ]
+    (s,) = frontier.summarise(rows)
+    assert s["local_best"] == "local[arch=dsconv]" and s["redact_best"] == "redact[box=14]" and s["baseline"] == "redact[box=14]"
+    assert s["veil_best"] == "scnl-region[box=14] 0.1" and s["veil_uses"] == "y,mask"
+    assert s["gap_closed"] == pytest.approx((0.78 - 0.75) / (0.80 - 0.75))
+    assert s["veil_y_best"] == "scnl 10" and s["gap_closed_y"] == pytest.approx((0.72 - 0.70) / (0.80 - 0.70))
+    assert s["peer_best"] is None and s["oracle_primary"] == 0.81
+
+
 def test_frontier_smoke_run_writes_table_plot_and_resumes(frontier, tmp_path):
     args = ["--tiny", "--tasks", "digits-lt5", "--budgets", "0.03", "--defenses", "none,local", "--attackers", "linear", "--no-extras", "--out", str(tmp_path)]
     assert frontier.main(args) == 0

@@ -142,6 +142,12 @@ class Defense(nn.Module, abc.ABC):
         (the training exposure), or always for an oracle (:attr:`oracle_mask`); else None."""
         return mask if (labelled or self.oracle_mask) else None
 
+    def probe(self, x: torch.Tensor) -> torch.Tensor:
+        """``encode`` on the inference path, for measuring its cost and message shape: an oracle gets an
+        empty region mask (it is handed the true one at every exposure)."""
+        mask = torch.zeros(len(x), 1, *x.shape[2:], device=x.device) if self.oracle_mask else None
+        return self.encode_batch(x, None, mask)
+
     def decode(self, m: torch.Tensor) -> torch.Tensor:
         """Server-side step from the transmitted message to the task model's input. Identity here."""
         return m

@@ -33,9 +33,9 @@ def client_share(name: str, options: dict[str, Any], input_shape: tuple[int, ...
         torch.manual_seed(0)
         defense = create_defense(name, input_shape=input_shape, num_classes=num_classes, **options).eval()
         server = create_model(model, defense.output_shape(), num_classes)
-        client = count_flops(lambda x: defense.encode(x), defense.input_shape)
+        client = count_flops(defense.probe, defense.input_shape)
         with torch.no_grad():
-            message_shape = tuple(defense.encode(torch.rand(1, *defense.input_shape)).shape[1:])
+            message_shape = tuple(defense.probe(torch.rand(1, *defense.input_shape)).shape[1:])
         return client / max(1, count_flops(lambda m: server(defense.decode(m)), message_shape))
 
 

@@ -543,7 +543,7 @@ def _messages(defense: Defense, split: Split, exposure: str, k: int = 1) -> torc
 def is_deterministic(defense: Defense, x: torch.Tensor) -> bool:
     """True if two encodes of the same records are identical (no noise at all)."""
     defense.eval()
-    return bool(torch.equal(defense.encode(x), defense.encode(x)))
+    return bool(torch.equal(defense.probe(x), defense.probe(x)))
 
 
 @torch.no_grad()
@@ -553,7 +553,7 @@ def ignores_label(defense: Defense, x: torch.Tensor, y: torch.Tensor, mask: torc
     sends (checked on these records)."""
     defense.eval()
     state = torch.get_rng_state()
-    a = defense.encode_batch(x, None)
+    a = defense.encode_batch(x, None, defense.mask_for(False, mask))
     torch.set_rng_state(state)
     b = defense.encode_batch(x, y, mask)
     return a.shape == b.shape and bool(torch.allclose(a, b))
@@ -567,7 +567,8 @@ def training_time_differs(defense: Defense, x: torch.Tensor, y: torch.Tensor, ma
     Checked under ``tries`` random states, since a method may change its train-mode message only now
     and then (SVD removes coefficients with probability ``removal_prob`` per batch).
     """
-    y_used, mask_used = (y, mask) if _last_stage(defense).use_labels else (None, None)
+    labelled = _last_stage(defense).use_labels
+    y_used, mask_used = (y if labelled else None), defense.mask_for(labelled, mask)
     sender = training_time_copy(defense)
     state = torch.get_rng_state()
     try:

@@ -79,9 +79,9 @@ def client_cost(defense: Defense, model: nn.Module) -> dict[str, Any]:
     defense.cpu()
     model.cpu()
     defense.eval()
-    client = count_flops(lambda x: defense.encode(x), defense.input_shape)
+    client = count_flops(defense.probe, defense.input_shape)
     with torch.no_grad():
-        message_shape = tuple(defense.encode(torch.rand(1, *defense.input_shape)).shape[1:])
+        message_shape = tuple(defense.probe(torch.rand(1, *defense.input_shape)).shape[1:])
     server = count_flops(lambda m: model(defense.decode(m)), message_shape)
     defense.train(was)
     return {
