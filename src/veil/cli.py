@@ -60,7 +60,7 @@ def list_cmd() -> None:
     from veil.models import list_models
 
     table = Table(title="defenses")
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)
     table.add_column("knob")
     table.add_column("more private when knob is")
     table.add_column("client learns from")

@@ -65,3 +65,61 @@ def test_client_cost_is_a_few_percent_of_the_cnn_server_on_mnist():
 def test_bad_options_are_named(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         LocalDecision(input_shape=(1, 8, 8), num_classes=2, **bad)
+
+
+# ----------------------------------------------------------------------------- architectures, distillation
+def test_dsconv_is_a_batch_normalised_depthwise_separable_cnn_within_the_budget():
+    from torch import nn
+
+    from veil.defenses.budget import client_share, fit_client_budget
+
+    for arch in ("tiny", "dsconv"):
+        options, share = fit_client_budget("local", 0.01, {"arch": arch}, input_shape=(1, 40, 40), num_classes=10, model="resnet")
+        assert share <= 0.01
+        bigger = client_share("local", {**options, "width": options["width"] + 1}, (1, 40, 40), 10, "resnet")
+        assert bigger > 0.01  # the largest width that fits
+    d = create_defense("local", input_shape=(1, 28, 28), num_classes=2, arch="dsconv", width=8)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert any(c.groups == c.in_channels > 1 for c in convs)  # depthwise
+    assert any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+    with pytest.raises(ValueError, match="arch"):
+        create_defense("local", input_shape=(1, 8, 8), num_classes=2, arch="big")
+
+
+def test_distillation_loss_is_the_temperature_scaled_kl_of_the_soft_labels():
+    from veil.defenses.local import distillation_loss
+
+    torch.manual_seed(0)
+    s, t, temp = torch.randn(5, 4), torch.randn(5, 4), 3.0
+    # written from Hinton et al.'s definition with torch.distributions, not from the code
+    p, q = torch.distributions.Categorical(logits=t / temp), torch.distributions.Categorical(logits=s / temp)
+    expected = temp**2 * torch.distributions.kl_divergence(p, q).mean()
+    assert distillation_loss(s, t, temp) == pytest.approx(float(expected), rel=1e-5)
+    assert distillation_loss(t, t, temp) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_distilled_local_learns_from_a_reference_run_and_refuses_a_bad_one(tmp_path):
+    from veil.training import TrainConfig, train_run
+
+    ref = tmp_path / "ref"
+    train_run(TrainConfig(task="digits-lt5", defense="none", epochs=3, batch_size=64), ref, log=lambda s: None)
+    cfg = TrainConfig(task="digits-lt5", defense="local", epochs=3, batch_size=64, defense_options={"distill_from": str(ref)})
+    m = train_run(cfg, tmp_path / "student", log=lambda s: None)
+    assert m["primary_acc"] > 0.8
+    d = create_defense("local", input_shape=(1, 8, 8), num_classes=2, distill_from=str(ref))
+    d.train()
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 2, (8,))
+    d.encode(x, y)
+    plain = create_defense("local", input_shape=(1, 8, 8), num_classes=2)
+    plain.load_state_dict(d.state_dict())
+    plain.train()
+    plain.encode(x, y)
+    assert not torch.allclose(d.penalty(), plain.penalty())  # the teacher's soft labels enter the loss
+    assert "_teacher" not in "".join(d.state_dict())  # the teacher is never part of the client
+    other = tmp_path / "other"
+    train_run(TrainConfig(task="digits-lt5", defense="gaussian", epochs=1, batch_size=64), other, log=lambda s: None)
+    for bad, msg in ((tmp_path / "missing", "not a finished run"), (other, "undefended")):
+        d = create_defense("local", input_shape=(1, 8, 8), num_classes=2, distill_from=str(bad))
+        d.train()
+        with pytest.raises(ValueError, match=msg):
+            d.encode(x, y)
