@@ -106,3 +106,10 @@ def services(runs, start_service) -> dict[str, Service]:
 @pytest.fixture(scope="session")
 def scnl_service(services) -> Service:
     return services["scnl"]
+
+
+@pytest.fixture(scope="session")
+def patient_service(runs, start_service) -> Service:
+    """``scnl`` with a long batch delay (requests sent together surely share a pass) and a 1 s header
+    timeout (slow clients are cut quickly)."""
+    return start_service(runs["scnl"], "--batch-delay-ms", "300", "--header-timeout", "1")

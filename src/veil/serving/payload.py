@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tokenize
 
 import numpy as np
 from numpy.lib import format as npy_format
@@ -103,7 +104,7 @@ def _npy_array(body: bytes, *, message_shape: tuple[int, ...], max_batch: int) -
             shape, fortran, dtype = npy_format.read_array_header_2_0(f, max_header_size=_MAX_NPY_HEADER)
         else:
             raise ValueError(f"unsupported .npy version {version}")
-    except (ValueError, EOFError, OSError, SyntaxError) as err:
+    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError) as err:  # numpy parses the header as a literal
         raise PayloadError(f"body is not a readable .npy array ({err})") from None
     if dtype.hasobject or dtype.str != "<f4":
         raise PayloadError(f"an .npy body must hold little-endian float32, got dtype {dtype.str}")
