@@ -49,11 +49,11 @@ class Service:
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
         self.url = ""
 
-    def wait(self) -> Service:
+    def wait(self, timeout: float = 60) -> Service:
         """Block until the server accepts connections (or fail with its log)."""
         if self.url:
             return self
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()

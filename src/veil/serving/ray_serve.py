@@ -124,5 +124,8 @@ def serve_ray(run: str | Path, tokens: tuple[bytes, ...], *, host: str, port: in
         while not stop.wait(0.5):
             pass
     finally:
-        serve.shutdown()
+        if address is not None:  # a cluster that outlives this command: take the application down
+            serve.delete("veil")
+        # the local instance ray.init started ends with its processes, replicas included; serve.shutdown
+        # would wait for a controller that a Ctrl-C sent to the whole process group may have stopped
         ray.shutdown()
