@@ -53,7 +53,8 @@ class ServeConfig:
     Attributes:
         batching: Dynamic batching: requests in flight together share one forward pass.
         batch_delay_ms: Longest a request waits for others still on their way (only while other requests
-            are in flight; requests already waiting join without delay).
+            are in flight). 0 (the default, the fastest measured: benchmarks/results/serve_load/): a pass
+            takes every request that has reached the queue after one turn of the event loop, no timer.
         max_pass_records: Most records one shared forward pass collects.
         max_request_records: Most messages in one binary request.
         max_json_records: Most messages in one JSON request (JSON is for small batches).
@@ -74,7 +75,7 @@ class ServeConfig:
     """
 
     batching: bool = True
-    batch_delay_ms: float = 2.0
+    batch_delay_ms: float = 0.0
     max_pass_records: int = 256
     max_request_records: int = 1024
     max_json_records: int = 64
@@ -369,11 +370,18 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(server: ServerSide, tokens: tuple[bytes, ...], *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig = ServeConfig(), ready_file: str | Path | None = None) -> None:
     """Run the service until SIGINT/SIGTERM. ``port=0`` takes a free port; ``ready_file`` receives
     ``{"url", "pid"}`` (written atomically) once the server accepts connections."""
+    app = create_app(server, tokens, config)
+    banner = f"{server.defense} at {{url}} (message shape {list(server.message_shape)}, batching {'on' if config.batching else 'off'}); docs at {{url}}/docs"
+    run_app(app, host=host, port=port, config=config, ready_file=ready_file, banner=banner)
+
+
+def run_app(app: Any, *, host: str, port: int, config: ServeConfig, ready_file: str | Path | None = None, banner: str = "at {url}") -> None:
+    """Serve the ASGI ``app`` on uvicorn with the connection limits of ``config`` (header timeout,
+    keep-alive, connection cap) until SIGINT/SIGTERM; the service and the benchmark's empty endpoint share it."""
     import uvicorn
 
     from veil.serving.protocol import header_timeout_protocol
 
-    app = create_app(server, tokens, config)
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -394,7 +402,7 @@ def serve(server: ServerSide, tokens: tuple[bytes, ...], *, host: str = "127.0.0
         while not uv.started and not task.done():
             await asyncio.sleep(0.01)
         if uv.started:
-            print(f"veil serve: {server.defense} at {url} (message shape {list(server.message_shape)}, batching {'on' if config.batching else 'off'}); docs at {url}/docs", file=sys.stderr, flush=True)
+            print(f"veil serve: {banner.format(url=url)}", file=sys.stderr, flush=True)
             if ready_file is not None:
                 write_json(ready_file, {"url": url, "pid": os.getpid()})
         await task
