@@ -22,7 +22,7 @@ A command, not a test (timings are never asserted in tests)::
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py                  # trains a small digits-lt5 scnl run
     OMP_NUM_THREADS=1 python benchmarks/serve_load.py --run runs/scnl  # or serve your own run
 
-Writes ``benchmarks/results/serve_load/serve_load.{json,md,csv}`` atomically. The servers, the load
+Writes ``benchmarks/results/serve_load/README.md`` (tables), ``serve_load.json`` and ``serve_load.csv`` atomically. The servers, the load
 process and the in-process measurement share this machine's cores (and, here, other people's work):
 compare ratios from one run, not absolute times.
 """

@@ -44,15 +44,9 @@ def serve_cmd(
 ) -> None:
     """Serve a run's model over HTTP: obfuscated messages in, primary predictions out.
 
-    Endpoints: POST /v1/predict (bearer token) takes a batch (B, *message_shape) as raw little-endian
-    float32 (Content-Type application/octet-stream, X-Veil-Shape: B,d1,..., optional X-Veil-Dtype:
-    float32), as an .npy file (application/x-npy) or as JSON {"messages": [...]} (small batches). The Open
-    Inference Protocol v2 (KServe/Triton clients): GET /v2/health/live, /v2/health/ready,
-    /v2/models/NAME, /v2/models/NAME/ready, POST /v2/models/NAME/infer (bearer token; JSON or binary
-    tensors). GET /health, GET /metrics (Prometheus, bearer token), GET /docs.
-    Shapes, dtype, sizes and values are checked before anything is allocated; a bad request gets a
-    one-line 4xx. Slow clients: --header-timeout closes connections whose headers dribble in,
-    --body-timeout answers 408, --max-connections and --max-concurrency bound what is held.
+    Endpoints: POST /v1/predict (bearer token) takes a batch (B, *message_shape) as raw little-endian float32 (Content-Type application/octet-stream, X-Veil-Shape: B,d1,..., optional X-Veil-Dtype: float32), as .npy bytes (application/x-npy) or as JSON {"messages": [...]} (small batches). Open Inference Protocol v2 (Triton/KServe clients): GET /v2/health/live, /v2/health/ready, /v2/models/NAME, /v2/models/NAME/ready; POST /v2/models/NAME/infer (bearer token; JSON or binary tensors). Also GET /health, /metrics (Prometheus, bearer token), /docs.
+
+    Payloads are checked (shape, dtype, size, finite values) before anything is allocated; a bad request gets a one-line 4xx, alone, before it joins a batch. Batching: requests in flight together share one forward pass (--batch-delay-ms, --max-pass-records). Limits and slow clients: --max-body-bytes, --max-concurrency, --max-connections, --header-timeout (closes connections whose headers dribble in), --body-timeout (408), --keep-alive. --ray --replicas N: the same on Ray Serve with @serve.batch. Details: docs/serving.md.
     """
     from veil.serving.app import ServeConfig, serve
     from veil.serving.auth import load_tokens
