@@ -49,11 +49,11 @@ class Service:
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=self.log.open("wb"))
         self.url = ""
 
-    def wait(self) -> Service:
+    def wait(self, timeout: float = 60) -> Service:
         """Block until the server accepts connections (or fail with its log)."""
         if self.url:
             return self
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while not self.ready.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
@@ -106,3 +106,10 @@ def services(runs, start_service) -> dict[str, Service]:
 @pytest.fixture(scope="session")
 def scnl_service(services) -> Service:
     return services["scnl"]
+
+
+@pytest.fixture(scope="session")
+def patient_service(runs, start_service) -> Service:
+    """``scnl`` with a long batch delay (requests sent together surely share a pass) and a 1 s header
+    timeout (slow clients are cut quickly)."""
+    return start_service(runs["scnl"], "--batch-delay-ms", "300", "--header-timeout", "1")

@@ -191,3 +191,33 @@ def test_identity_split_and_refused_defenses(runs):
     assert server.decoder is None and server.message_shape == (1, 8, 8)
     with pytest.raises(ValueError, match="cannot be served.*supported: none"):
         check_splittable("sample-and-hold")
+
+
+def test_a_bad_request_in_a_batch_is_refused_alone(runs, patient_service):
+    """Seven requests sent together, one with a NaN: that one gets 422, the six others their own
+    predictions, and they shared forward passes (fewer passes than requests)."""
+    import asyncio
+
+    _, task, defense, model = load_run(runs["scnl"])
+    m = obfuscate(defense, task.test.x[:12])
+    with torch.no_grad():
+        expected = model(defense.decode(m)).argmax(1).numpy()
+    chunks = [m[2 * i : 2 * i + 2].numpy() for i in range(6)]
+    bodies = [encode_binary(c) for c in chunks]
+    bodies.insert(3, _binary((1, 1, 8, 8), np.full((1, 1, 8, 8), np.nan)))
+    url = patient_service.url
+
+    def passes() -> float:
+        return _count(httpx.get(f"{url}/metrics", headers=AUTH).text, "veil_batch_records_count")
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
+            return await asyncio.gather(*(client.post(f"{url}/v1/predict", content=b, headers=h) for b, h in bodies))
+
+    before = passes()
+    answers = asyncio.run(send_all())
+    assert [r.status_code for r in answers] == [200, 200, 200, 422, 200, 200, 200]
+    assert "NaN" in answers[3].json()["detail"]
+    got = [r.json()["predictions"] for i, r in enumerate(answers) if i != 3]
+    assert got == [expected[2 * i : 2 * i + 2].tolist() for i in range(6)]
+    assert passes() - before < 6

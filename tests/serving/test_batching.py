@@ -88,3 +88,21 @@ def test_waits_for_requests_still_on_their_way():
 
     out = asyncio.run(main())
     assert passes == [2] and len(out) == 2
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates():
+    """The shared pass raises because of one request's rows: that request alone gets the error; the
+    others are rerun alone and get their own rows."""
+    passes: list[int] = []
+
+    def forward(batch):
+        passes.append(len(batch))
+        if (batch < 0).any():
+            raise ValueError("a negative message")
+        return batch.flatten(1).sum(1)
+
+    requests = [torch.ones(2, 1, 2, 2), -torch.ones(1, 1, 2, 2), 2 * torch.ones(3, 1, 2, 2)]
+    out = _run(forward, requests, busy=lambda: 3)
+    assert passes[0] == 6  # they did share a pass first
+    assert isinstance(out[1], ValueError)
+    assert torch.equal(out[0], torch.full((2,), 4.0)) and torch.equal(out[2], torch.full((3,), 8.0))

@@ -1,4 +1,4 @@
-"""Dynamic batching: requests that arrive within a few milliseconds share one forward pass."""
+"""Dynamic batching: concurrent requests are queued and run through the model as one forward pass."""
 
 from __future__ import annotations
 
@@ -11,16 +11,20 @@ import torch
 class DynamicBatcher:
     """Queue requests' messages and run them through ``forward`` together.
 
-    The worker takes the first waiting request, then keeps collecting for at most ``max_delay_s`` while
+    The worker takes the first waiting request, lets every request that is ready on the event loop reach
+    the queue (one loop turn), takes them all, and then keeps collecting for at most ``max_delay_s`` while
     other requests are still on their way (``busy() > collected``: the server holds requests that have not
     reached the queue yet), up to ``max_records``; then one forward pass, and each request gets its rows.
     A lone request is not held back: with nothing else in flight it runs at once.
 
+    If a shared pass raises, each of its requests is run again alone, so that only the request that
+    fails gets the error and its batch-mates get their answers.
+
     Args:
-        forward: (N, *shape) -> (N,) predictions, awaited; one pass at a time.
+        forward: (N, *shape) -> (N, ...) outputs, awaited; one pass at a time.
         max_records: Most records in one pass (a request larger than the rest is never split).
         max_delay_s: Longest a request waits for company.
-        busy: How many predict requests the server holds right now (including this batch's).
+        busy: How many requests the server holds right now (including this batch's).
     """
 
     def __init__(self, forward: Callable[[torch.Tensor], Awaitable[torch.Tensor]], *, max_records: int, max_delay_s: float, busy: Callable[[], int]) -> None:
@@ -44,9 +48,9 @@ class DynamicBatcher:
                 pass
 
     async def submit(self, messages: torch.Tensor) -> torch.Tensor:
-        """Predictions for ``messages`` (B, *shape), computed in a shared pass."""
+        """The outputs for ``messages`` (B, *shape), computed in a shared pass: (B, ...)."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        await self.queue.put((messages, future))
+        self.queue.put_nowait((messages, future))
         return await future
 
     async def _collect(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
@@ -54,6 +58,8 @@ class DynamicBatcher:
         records = len(items[0][0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_delay_s
+        if self.queue.empty() and self.busy() > 1:
+            await asyncio.sleep(0)  # requests that are ready run up to their submit: no timer needed for them
         while records < self.max_records:
             if not self.queue.empty():
                 item = self.queue.get_nowait()
@@ -68,23 +74,28 @@ class DynamicBatcher:
             records += len(item[0])
         return items
 
+    async def _pass(self, live: list[tuple[torch.Tensor, asyncio.Future]]) -> None:
+        batch = live[0][0] if len(live) == 1 else torch.cat([m for m, _ in live])
+        try:
+            out = await self.forward(batch)
+        except Exception as err:
+            if len(live) == 1:
+                if not live[0][1].done():
+                    live[0][1].set_exception(err)
+                return
+            for item in live:  # alone, so that only the failing request gets its error
+                await self._pass([item])
+            return
+        self.on_batch(len(batch), len(live))
+        start = 0
+        for m, f in live:
+            if not f.done():
+                f.set_result(out[start : start + len(m)])
+            start += len(m)
+
     async def _run(self) -> None:
         while True:
             items = await self._collect()
             live = [(m, f) for m, f in items if not f.done()]  # a request whose client left is skipped
-            if not live:
-                continue
-            batch = torch.cat([m for m, _ in live])
-            try:
-                out = await self.forward(batch)
-            except Exception as err:  # every waiting request gets the error, none is dropped
-                for _, f in live:
-                    if not f.done():
-                        f.set_exception(err)
-                continue
-            self.on_batch(len(batch), len(live))
-            start = 0
-            for m, f in live:
-                if not f.done():
-                    f.set_result(out[start : start + len(m)])
-                start += len(m)
+            if live:
+                await self._pass(live)

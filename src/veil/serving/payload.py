@@ -1,21 +1,33 @@
-"""Wire formats of ``POST /v1/predict``: raw float32 with the shape in a header, or JSON for small batches.
+"""Wire formats of ``POST /v1/predict``: raw float32 with the shape in a header, ``.npy``, or JSON for small batches.
 
 Binary (``Content-Type: application/octet-stream``): the body is the batch of messages as little-endian
 float32, C order, and ``X-Veil-Shape: B,d1,d2,...`` gives its shape (B records of the per-record message
-shape). JSON (``Content-Type: application/json``): ``{"messages": [[...], ...]}``, a nested list of shape
-(B, *message_shape). Nothing is ever unpickled; every value is checked (shape, size, finite).
+shape); ``X-Veil-Dtype: float32`` may name the type (the only one accepted). ``.npy``
+(``Content-Type: application/x-npy``): the body is what ``numpy.save`` writes for a little-endian float32,
+C-order array of shape (B, *message_shape); its header is parsed (no pickle) and checked before the data
+is read. JSON (``Content-Type: application/json``): ``{"messages": [[...], ...]}``, a nested list of shape
+(B, *message_shape). Nothing is ever unpickled; every value is checked (shape, size, finite) and the
+sizes are checked before anything is allocated.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import tokenize
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 BINARY = "application/octet-stream"
+NPY = "application/x-npy"
 JSON = "application/json"
 SHAPE_HEADER = "X-Veil-Shape"
+DTYPE_HEADER = "X-Veil-Dtype"
+#: Names a binary body's dtype may be given by (little-endian float32 is the only one accepted).
+FLOAT32_NAMES = ("float32", "<f4", "f4", "fp32")
+_MAX_NPY_HEADER = 4096
 
 
 class PayloadError(ValueError):
@@ -30,6 +42,13 @@ def encode_binary(messages: np.ndarray) -> tuple[bytes, dict[str, str]]:
     """(B, *shape) -> body and headers of a binary request."""
     a = np.ascontiguousarray(messages, dtype="<f4")
     return a.tobytes(), {"Content-Type": BINARY, SHAPE_HEADER: ",".join(str(s) for s in a.shape)}
+
+
+def encode_npy(messages: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """(B, *shape) -> body and headers of an ``.npy`` request."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(messages, dtype="<f4"), allow_pickle=False)
+    return buf.getvalue(), {"Content-Type": NPY}
 
 
 def encode_json(messages: np.ndarray) -> tuple[bytes, dict[str, str]]:
@@ -58,20 +77,57 @@ def _no_constants(name: str) -> float:
     raise PayloadError(f"JSON messages must be finite numbers, got {name}")
 
 
-def decode_body(body: bytes, content_type: str | None, shape_header: str | None, *, message_shape: tuple[int, ...], max_batch: int, max_json_batch: int) -> np.ndarray:
+def check_dtype(name: str | None) -> None:
+    """Refuse a declared dtype other than little-endian float32 (``None``: not declared, float32)."""
+    if name is not None and name.strip().lower() not in FLOAT32_NAMES:
+        raise PayloadError(f"messages must be little-endian float32, got dtype {name[:32]!r}")
+
+
+def float32_array(data: bytes | memoryview, shape: tuple[int, ...], *, message_shape: tuple[int, ...], max_batch: int, what: str = SHAPE_HEADER) -> np.ndarray:
+    """Raw little-endian float32 ``data`` -> a writable (B, *message_shape) array, after checking the
+    shape (against the served shape and the batch limit) and the byte count; nothing is allocated first."""
+    want = 4 * math.prod(shape)
+    if want != len(data):
+        raise PayloadError(f"{what} {tuple(shape)} needs {want} bytes of float32, the body has {len(data)}")
+    _check_shape(tuple(shape), message_shape, max_batch)
+    return np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def _npy_array(body: bytes, *, message_shape: tuple[int, ...], max_batch: int) -> np.ndarray:
+    """An ``.npy`` body -> (B, *message_shape) float32: its header is parsed and checked first."""
+    f = io.BytesIO(body)
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f, max_header_size=_MAX_NPY_HEADER)
+        elif version == (2, 0):
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f, max_header_size=_MAX_NPY_HEADER)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (ValueError, EOFError, OSError, SyntaxError, tokenize.TokenError) as err:  # numpy parses the header as a literal
+        raise PayloadError(f"body is not a readable .npy array ({err})") from None
+    if dtype.hasobject or dtype.str != "<f4":
+        raise PayloadError(f"an .npy body must hold little-endian float32, got dtype {dtype.str}")
+    if fortran:
+        raise PayloadError("an .npy body must be in C order (numpy.save of a C-contiguous array)")
+    return float32_array(memoryview(body)[f.tell() :], tuple(shape), message_shape=message_shape, max_batch=max_batch, what=".npy shape")
+
+
+def decode_body(body: bytes, content_type: str | None, shape_header: str | None, *, message_shape: tuple[int, ...], max_batch: int, max_json_batch: int, dtype_header: str | None = None) -> np.ndarray:
     """A request body -> (B, *message_shape) float32, or :class:`PayloadError` naming the problem.
 
-    Checks: the media type (415 otherwise), the declared shape against the body's size and the served
-    message shape, 1 <= B <= the batch limit (``max_json_batch`` for JSON), finite values.
+    Checks: the media type (415 otherwise), the declared dtype and shape against the body's size and the
+    served message shape, 1 <= B <= the batch limit (``max_json_batch`` for JSON), finite values.
     """
     media = _media_type(content_type)
     if media == BINARY:
         shape = _parse_shape(shape_header)
-        want = 4 * math.prod(shape)
-        if want != len(body):
-            raise PayloadError(f"{SHAPE_HEADER} {shape} needs {want} bytes of float32, the body has {len(body)}")
-        _check_shape(shape, message_shape, max_batch)
-        a = np.frombuffer(body, dtype="<f4").reshape(shape).astype(np.float32)
+        check_dtype(dtype_header)
+        a = float32_array(body, shape, message_shape=message_shape, max_batch=max_batch)
+    elif media == NPY:
+        a = _npy_array(body, message_shape=message_shape, max_batch=max_batch)
+        if shape_header is not None and _parse_shape(shape_header) != a.shape:
+            raise PayloadError(f"{SHAPE_HEADER} {shape_header[:64]!r} disagrees with the .npy shape {a.shape}")
     elif media == JSON:
         try:
             doc = json.loads(body, parse_constant=_no_constants)
@@ -90,7 +146,7 @@ def decode_body(body: bytes, content_type: str | None, shape_header: str | None,
             raise PayloadError(f"messages must be a rectangular array of numbers ({err})") from None
         _check_shape(a.shape, message_shape, max_json_batch)
     else:
-        raise PayloadError(f"unsupported Content-Type {media or '(none)'!r}; send {BINARY} (with {SHAPE_HEADER}) or {JSON}", status=415)
+        raise PayloadError(f"unsupported Content-Type {media or '(none)'!r}; send {BINARY} (with {SHAPE_HEADER}), {NPY} or {JSON}", status=415)
     if not np.isfinite(a).all():
         raise PayloadError("messages contain NaN or infinite values")
     return a
