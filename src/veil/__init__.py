@@ -35,7 +35,7 @@ _EXPORTS = {
     "LeakageReport": "veil.api",
     "leakage": "veil.api",
     "export_onnx": "veil.api",
-    "Client": "veil.client",
+    "Client": "veil.serving.client",
     "ObfuscationMod": "veil.federated.mod",
     "create_defense": "veil.defenses",
     "list_defenses": "veil.defenses",
