@@ -58,6 +58,11 @@ ATTACKER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _on_cpu(defense: Defense) -> Defense:
+    """``defense`` where it is on the CPU, else a CPU copy (files, ONNX and the attacks work there)."""
+    return defense if defense._device().type == "cpu" else copy.deepcopy(defense).cpu()
+
+
 def _has_decode(defense: Defense) -> bool:
     return type(defense).decode is not Defense.decode
 
@@ -122,13 +127,15 @@ class PrivateClient(nn.Module):
         the client in eval mode.
         """
         self.eval()
+        device = self.defense._device()
+        x, y, mask = (None if t is None else t.to(device) for t in (x, y, mask))
         self.defense.check_input(x, y)
         return obfuscate(self.defense, x, y, mask=mask, generator=generator)
 
     def save(self, path: str | Path) -> None:
         """Write the client side alone as safetensors (weights + the defense's config in the metadata),
         the file ``veil query``, :class:`veil.Client` and ``veil export-client`` read."""
-        save_obfuscator(path, self.defense)
+        save_obfuscator(path, _on_cpu(self.defense))
 
     @classmethod
     def load(cls, path: str | Path) -> "PrivateClient":
@@ -216,7 +223,15 @@ class Obfuscation:
        floor (what guessing reaches) and your model's primary accuracy: :class:`LeakageReport`.
        :class:`Leakage` is the same as a metric (``update`` / ``compute``).
     6. ``client.save("client.safetensors")`` (for ``veil query`` / :class:`veil.Client` against a
-       ``veil serve`` service) and ``veil.export_onnx(client, "client.onnx")`` (clients without Python).
+       ``veil serve`` service) and ``veil.export_onnx(client, "client.onnx")`` (clients without Python;
+       for the defenses ``veil serve`` splits, region selection not among them yet).
+    7. Federated clients on Flower: ``ClientApp(mods=[veil.ObfuscationMod(client)])`` replaces the records
+       in every reply by their messages before it leaves (:mod:`veil.federated.mod`).
+
+    Most methods send messages of the records' shape, so the model you have for the records reads them.
+    SVD sends coefficients and the model reads its ``decode`` (the first server layer's output): build
+    the model for ``veil.create_defense("svd", input_shape=..., num_classes=...).output_shape()`` and
+    pass ``num_classes=`` here.
 
     Differences from ``veil train``: the optimizer, its learning rate and schedule are yours (a method's
     paper recipe, such as ANI's SGD at 0.1 with cosine annealing, is not applied; a warning says so), and
@@ -448,8 +463,8 @@ class LeakageReport:
         floor: What an attacker reaches without the message: the majority class of the secret, or (when
             it reads y) the best guess of the secret from the primary label.
         gap: ``attack - floor``: the leakage the messages add (0 is the best any defense can do).
-        primary: Your model's primary accuracy on the same test records' deployment messages (``None``
-            where no model was given).
+        primary: Your model's primary accuracy on the same test records' messages at this exposure
+            (``None`` where no model was given).
         averaging: Accuracy of the best architecture on the mean of k obfuscations of each record (an
             engine that receives a record k times), ``None`` where off.
         under_trained: The best attacker is clearly below the floor: its number is no evidence of privacy.
@@ -578,7 +593,8 @@ class Leakage:
 
         was = self.defense.training
         with torch.random.fork_rng(devices=[]):
-            result = attack_exposure(self.defense, task, self.exposure, self.config, log=self.log)
+            # the attack draws its messages on the CPU (its attackers train on config.device)
+            result = attack_exposure(_on_cpu(self.defense), task, self.exposure, self.config, log=self.log)
             primary = None
             if self.model is not None:
                 model = self.model.module if isinstance(self.model, DecodedModel) else self.model
@@ -642,7 +658,7 @@ def export_onnx(client: PrivateClient | Defense, path: str | Path) -> dict[str, 
     :class:`veil.serving.onnx_client.OnnxObfuscator`); output ``message``. Returns the file's metadata."""
     from veil.serving.onnx_client import export_client
 
-    return export_client(_unwrap(client), path)
+    return export_client(_on_cpu(_unwrap(client)), path)
 
 
 __all__ = ["ATTACKER_PRESETS", "DecodedModel", "Leakage", "LeakageReport", "Obfuscation", "PrivateClient", "export_onnx", "leakage"]

@@ -26,6 +26,7 @@ wrong shape. Replies without records (model weights alone) pass unchanged.
 
 from __future__ import annotations
 
+import copy
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -47,8 +48,8 @@ class ObfuscationMod:
     """Replace the records in a client's reply by their obfuscation before the reply is sent.
 
     Args:
-        client: The obfuscator: a :class:`veil.PrivateClient`, a Defense, or the file
-            ``client.save(...)`` / ``veil train`` (``obfuscator.safetensors``) wrote.
+        client: The obfuscator: a :class:`veil.PrivateClient`, a Defense (a CPU copy of it is taken), or
+            the file ``client.save(...)`` / ``veil train`` (``obfuscator.safetensors``) wrote.
         exposure: ``inference`` (the message alone; labels are not used) or ``training`` (labels ``y``
             are used by ``encode`` and must be in the same ArrayRecord).
         records_key, labels_key, mask_key: Names of the arrays in an ArrayRecord: the records (replaced
@@ -59,7 +60,8 @@ class ObfuscationMod:
     def __init__(self, client: object, *, exposure: str = "inference", records_key: str = "x", labels_key: str = "y", mask_key: str = "mask") -> None:
         if exposure not in EXPOSURES:
             raise ValueError(f"exposure must be one of {', '.join(EXPOSURES)}, got {exposure!r}")
-        self.defense = _defense(client).eval()
+        # a CPU copy: the records arrive as NumPy arrays, and a client trained further later is not this one
+        self.defense = copy.deepcopy(_defense(client)).cpu().eval()
         self.exposure, self.records_key, self.labels_key, self.mask_key = exposure, records_key, labels_key, mask_key
 
     def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
