@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
