@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import click
 import typer
@@ -211,7 +212,26 @@ from veil.workflows.commands import incremental_cmd  # noqa: E402
 
 app.command("incremental")(incremental_cmd)
 app.command("federated")(federated_cmd)
-from veil.evaluation.commands import evaluate_cmd, report_cmd, sweep_cmd  # noqa: E402
+from veil.evaluation.commands import evaluate_cmd as _evaluate_classification, report_cmd, sweep_cmd  # noqa: E402
+
+
+@functools.wraps(_evaluate_classification)
+def evaluate_cmd(run: Path, **options: Any) -> None:
+    """``veil evaluate``: a detection run goes to :mod:`veil.detection` (mAP + the per-object attack), as
+    ``train`` and ``export`` dispatch above; any other run to :mod:`veil.evaluation`, which knows nothing
+    of detection (no import from evaluation up to detection)."""
+    from veil.detection.train import is_detection_run
+
+    if not is_detection_run(run):
+        return _evaluate_classification(run, **options)
+    from veil.detection.commands import evaluate_cmd as evaluate_detection
+
+    keep = ("attack_epochs", "patience", "attack_train_size", "attack_width", "attackers", "views", "averaging_k", "exposures", "recon_epochs", "eval_seed")
+    try:
+        Console().print_json(json.dumps(evaluate_detection(run, **{k: options[k] for k in keep})))
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+
 
 app.command("evaluate")(evaluate_cmd)
 app.command("sweep")(sweep_cmd)

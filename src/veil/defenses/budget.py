@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from veil.defenses import create_defense, defense_class
 from veil.models import count_flops, create_model
@@ -23,8 +24,11 @@ from veil.models import count_flops, create_model
 MAX_SIZE = 256
 
 
-def client_share(name: str, options: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, model: str) -> float:
+def client_share(name: str, options: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, model: str | nn.Module) -> float:
     """Measured client FLOPs of defense ``name`` with ``options`` as a share of the server model's FLOPs.
+
+    ``model``: a model name (:func:`veil.models.create_model`) or the server model itself (a user's own,
+    from :class:`veil.Obfuscation`), which must read the defense's decoded message.
 
     Measured on a defense initialised from a fixed seed, inside a forked random state: a method whose
     cost depends on its weights (scnl-detect's per-object regions) gives one answer for one size, and the
@@ -32,7 +36,7 @@ def client_share(name: str, options: dict[str, Any], input_shape: tuple[int, ...
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         defense = create_defense(name, input_shape=input_shape, num_classes=num_classes, **options).eval()
-        server = create_model(model, defense.output_shape(), num_classes)
+        server = model if isinstance(model, nn.Module) else create_model(model, defense.output_shape(), num_classes)
         client = count_flops(defense.probe, defense.input_shape)
         with torch.no_grad():
             message_shape = tuple(defense.probe(torch.rand(1, *defense.input_shape)).shape[1:])
@@ -40,7 +44,7 @@ def client_share(name: str, options: dict[str, Any], input_shape: tuple[int, ...
 
 
 def fit_client_budget(
-    name: str, budget: float, options: dict[str, Any], *, input_shape: tuple[int, ...], num_classes: int, model: str
+    name: str, budget: float, options: dict[str, Any], *, input_shape: tuple[int, ...], num_classes: int, model: str | nn.Module
 ) -> tuple[dict[str, Any], float]:
     """``options`` with defense ``name``'s size option set to the largest value within ``budget``.
 

@@ -110,18 +110,8 @@ def evaluate_cmd(
     attack_device: str = _ATTACK_DEVICE,
 ) -> None:
     """Attack a trained run: attribute inference (several retrained attackers, both exposures), MI, reconstruction."""
-    from veil.detection.train import is_detection_run
     from veil.evaluation.sweep import evaluate_run
 
-    if is_detection_run(run):  # mAP + the per-object attack (veil.detection.attack)
-        from veil.detection.commands import evaluate_cmd as evaluate_detection
-
-        try:
-            Console().print_json(json.dumps(evaluate_detection(run, attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attack_width=attack_width,
-                                                               attackers=attackers, views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, eval_seed=eval_seed)))
-        except (ValueError, FileNotFoundError) as err:
-            _fail(err)
-        return
     try:
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,

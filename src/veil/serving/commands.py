@@ -1,5 +1,5 @@
 """``veil serve``, ``veil query`` and ``veil export-client``: thin commands over :mod:`veil.serving` and
-:mod:`veil.client` (registered in :mod:`veil.cli`)."""
+:mod:`veil.serving.client` (registered in :mod:`veil.cli`)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def query_cmd(
     timeout: float = typer.Option(10.0, "--timeout", help="Seconds for one try."),
 ) -> None:
     """Obfuscate records locally (OS-entropy noise) and query a 'veil serve' service with the messages alone."""
-    from veil.client import Client, ServiceError, load_client_obfuscator
+    from veil.serving.client import Client, ServiceError, load_client_obfuscator
     from veil.io import save_npz, write_json
     from veil.serving.auth import CLIENT_TOKEN_ENV, load_tokens
 
@@ -158,7 +158,7 @@ def export_client_cmd(
     force: bool = typer.Option(False, "--force", help="Replace the file if it exists."),
 ) -> None:
     """Write the client's obfuscator as ONNX for onnxruntime; the noise is an input drawn from the OS at run time."""
-    from veil.client import load_client_obfuscator
+    from veil.serving.client import load_client_obfuscator
     from veil.serving.onnx_client import export_client
 
     try:
