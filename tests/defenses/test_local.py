@@ -102,8 +102,8 @@ def test_a_distilled_local_learns_from_a_reference_run_and_refuses_a_bad_one(tmp
     from veil.training import TrainConfig, train_run
 
     ref = tmp_path / "ref"
-    train_run(TrainConfig(task="digits-lt5", defense="none", epochs=3, batch_size=64), ref, log=lambda s: None)
-    cfg = TrainConfig(task="digits-lt5", defense="local", epochs=3, batch_size=64, defense_options={"distill_from": str(ref)})
+    train_run(TrainConfig(task="digits-lt5", defense="none", epochs=2, batch_size=64, train_size=600), ref, log=lambda s: None)
+    cfg = TrainConfig(task="digits-lt5", defense="local", epochs=2, batch_size=64, train_size=600, defense_options={"distill_from": str(ref)})
     m = train_run(cfg, tmp_path / "student", log=lambda s: None)
     assert m["primary_acc"] > 0.8
     d = create_defense("local", input_shape=(1, 8, 8), num_classes=2, distill_from=str(ref))
@@ -117,7 +117,7 @@ def test_a_distilled_local_learns_from_a_reference_run_and_refuses_a_bad_one(tmp
     assert not torch.allclose(d.penalty(), plain.penalty())  # the teacher's soft labels enter the loss
     assert "_teacher" not in "".join(d.state_dict())  # the teacher is never part of the client
     other = tmp_path / "other"
-    train_run(TrainConfig(task="digits-lt5", defense="gaussian", epochs=1, batch_size=64), other, log=lambda s: None)
+    train_run(TrainConfig(task="digits-lt5", defense="gaussian", epochs=1, batch_size=64, train_size=200), other, log=lambda s: None)
     for bad, msg in ((tmp_path / "missing", "not a finished run"), (other, "undefended")):
         d = create_defense("local", input_shape=(1, 8, 8), num_classes=2, distill_from=str(bad))
         d.train()

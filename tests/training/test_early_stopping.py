@@ -10,7 +10,7 @@ from veil.training import TrainConfig, load_run, train_run
 from veil.training.loop import accuracy
 
 # a learning rate high enough that the validation accuracy goes up and down within a few epochs
-CFG = TrainConfig(task="digits-lt5", defense="gaussian", knob=0.3, epochs=12, batch_size=64, lr=0.02, patience=2)
+CFG = TrainConfig(task="digits-lt5", defense="none", epochs=8, batch_size=64, lr=0.02, patience=2, train_size=500)
 
 
 def quiet(_):
@@ -32,7 +32,7 @@ def test_stops_after_patience_epochs_without_improvement_and_keeps_the_best(tmp_
     assert all(v <= curve[best] for v in curve)
     # the saved weights are the best epoch's: their validation accuracy is the best one recorded
     _, task, defense, model = load_run(tmp_path / "run", task=None)
-    assert accuracy(defense, model, task.val) == pytest.approx(curve[best], abs=0.02)  # gaussian noise: fresh draws
+    assert accuracy(defense, model, task.val) == pytest.approx(curve[best], abs=1e-9)  # no noise: the same records give the same accuracy
     assert not (tmp_path / "run" / "best.safetensors").exists()
 
 
