@@ -51,7 +51,7 @@ from veil.evaluation.attack import AttackConfig  # noqa: E402
 from veil.evaluation.mutual_information import MIConfig  # noqa: E402
 from veil.evaluation.reconstruction import ReconstructionConfig  # noqa: E402
 from veil.evaluation.report import flatten  # noqa: E402
-from veil.evaluation.sweep import PRIVACY_FILE, EvalConfig, sweep  # noqa: E402
+from veil.evaluation.sweep import ATTACK_KEYS, PRIVACY_FILE, EvalConfig, sweep  # noqa: E402
 from veil.io import read_json, write_bytes, write_csv, write_json  # noqa: E402
 
 TASKS = ("mnist-lt5", "fashion-lt5", "fashion-tag")
@@ -181,8 +181,9 @@ def group_dir(out: Path, task: str, budget: float | None, options: dict[str, Any
 
 
 def best_attack(row: dict[str, Any]) -> float | None:
-    """The strongest attack over every exposure the engine has (None if none was measured)."""
-    values = [row.get(k) for k in ("attack_acc", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc")]
+    """The strongest attack over every exposure the engine has and every secret read from a reconstruction
+    (``ATTACK_KEYS``; None if none was measured)."""
+    values = [row.get(k) for k in ATTACK_KEYS]
     values = [float(v) for v in values if v is not None]
     return max(values) if values else None
 

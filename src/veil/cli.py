@@ -226,6 +226,8 @@ def evaluate_cmd(run: Path, **options: Any) -> None:
         return _evaluate_classification(run, **options)
     from veil.detection.commands import evaluate_cmd as evaluate_detection
 
+    if options.get("strength", "standard") != "standard":
+        _fail(ValueError(f"--strength {options['strength']}: the strong preset applies to classification runs; {run} is a detection run"))
     keep = ("attack_epochs", "patience", "attack_train_size", "attack_width", "attackers", "views", "averaging_k", "exposures", "recon_epochs", "eval_seed")
     try:
         Console().print_json(json.dumps(evaluate_detection(run, **{k: options[k] for k in keep})))

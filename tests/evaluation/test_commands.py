@@ -152,3 +152,32 @@ def test_evaluation_option_defaults_are_the_config_defaults(command):
         if isinstance(default, tuple):  # comma-separated on the command line
             default = ",".join(default)
         assert params[name].default == default, (command, name, params[name].default, default)
+
+
+def test_evaluate_strong_writes_the_new_attacks_and_their_grid(tmp_path):
+    run = tmp_path / "run"
+    invoke(["train", "--task", "digits-lt5", "--defense", "gaussian", "--lambda", "0.3", "--epochs", "1", "--train-size", "300", "--out", run])
+    invoke(["evaluate", run, *TINY, "--exposures", "inference", "--strength", "strong", "--prior-epochs", "1", "--inversion-records", "16",
+            "--inversion-steps", "20", "--fisher-records", "2"])
+    p = json.loads((run / "privacy.json").read_text())
+    assert p["evaluation_config"]["strength"] == "strong" and p["evaluation_config"]["attack"]["width"] >= 64
+    assert {"cnn", "cnn-bn", "server"} <= set(p["attack"]["inference"]["attackers"])  # every architecture, at the strong width
+    assert p["inversion"]["path"] == "gaussian-likelihood" and p["inversion"]["test_records"] == 16
+    assert p["reconstruction_prior"]["prior"]["transferred"] == "all"
+    assert p["fisher"]["applicable"] and p["fisher"]["mse_bound"] == pytest.approx(0.09, rel=1e-4)
+    for key in ("secret_from_reconstruction_acc", "secret_from_prior_reconstruction_acc", "secret_from_inversion_acc"):
+        assert 0 <= p[key] <= 1, key
+    accs = [p[k] for k in ("attack_acc", "averaging_attack_acc", "secret_from_reconstruction_acc", "secret_from_prior_reconstruction_acc", "secret_from_inversion_acc")]
+    assert p["best_attack"] == max(accs) and p["best_attack_name"] in p
+    assert (run / "attacks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the standard strength again: the strong parts and their grid go
+    invoke(["evaluate", run, *TINY, "--exposures", "inference"])
+    p = json.loads((run / "privacy.json").read_text())
+    assert "inversion" not in p and "strength" not in p["evaluation_config"] and not (run / "attacks.png").exists()
+
+
+def test_evaluate_refuses_an_unknown_strength(tmp_path):
+    run = tmp_path / "run"
+    invoke(["train", "--task", "digits-lt5", "--defense", "none", "--epochs", "1", "--train-size", "300", "--out", run])
+    result = runner.invoke(app, ["evaluate", str(run), "--strength", "huge"])
+    assert result.exit_code == 2 and "--strength must be standard or strong" in flat(result.output)

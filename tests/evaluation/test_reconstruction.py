@@ -65,3 +65,13 @@ def test_image_scores_against_identical_and_noisy_images():
 def test_bad_config_is_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReconstructionConfig(**kwargs)
+
+
+def test_decoder_with_a_prior_is_pretrained_on_clean_records(digits, make, fakes):
+    d = create_defense("gaussian", input_shape=digits.input_shape, num_classes=2, sigma=0.3)
+    r = reconstruction_attack(d, digits, ReconstructionConfig(epochs=3, width=16, prior_epochs=2), log=lambda s: None)
+    assert r["prior"]["transferred"] == "all" and r["prior"]["epochs_run"] == 2 and r["config"]["prior_epochs"] == 2
+    assert r["psnr"] > r["baseline_psnr"]
+    r = reconstruction_attack(make(fakes["flatten"], digits), digits, ReconstructionConfig(epochs=2, width=16, prior_epochs=1), log=lambda s: None)
+    assert r["prior"]["transferred"] == "refinement"  # a vector message: only the refinement stage is shared
+    assert "prior_epochs" not in ReconstructionConfig().to_dict()  # standard configs read as before

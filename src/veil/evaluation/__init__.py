@@ -1,5 +1,6 @@
-"""Privacy evaluation (docs/design.md, "The attackers"): attribute-inference attack, reconstruction attack, mutual
-information, sweeps over a defense's knob and trade-off reports.
+"""Privacy evaluation (docs/design.md, "The attackers"; docs/evaluation.md): attribute-inference attack, reconstruction
+attacks (decoder, decoder with a prior, white-box inversion), secrets read from reconstructions, the Fisher bound,
+mutual information, sweeps over a defense's knob and trade-off reports.
 
 Names are imported on first use, so ``veil --help`` does not pay for importing torch.
 """
@@ -23,6 +24,13 @@ _EXPORTS = {
     "gaussian_channel_bound": "mutual_information",
     "EvalConfig": "sweep",
     "evaluate_run": "sweep",
+    "strong_preset": "sweep",
+    "best_attack": "sweep",
+    "InversionConfig": "inversion",
+    "inversion_attack": "inversion",
+    "FisherConfig": "fisher",
+    "fisher_bound": "fisher",
+    "train_secret_reader": "secret_readout",
 }
 
 

@@ -15,6 +15,8 @@ from rich.console import Console
 
 from veil.cli_common import config_default, config_option
 from veil.evaluation.attack import AttackConfig
+from veil.evaluation.fisher import FisherConfig
+from veil.evaluation.inversion import InversionConfig
 from veil.evaluation.mutual_information import MIConfig
 from veil.evaluation.reconstruction import ReconstructionConfig
 
@@ -34,6 +36,13 @@ _MI_DIMS = config_option(MIConfig, "dims", "--mi-dims", min=0, help="PCA dimensi
 _MI_K = config_option(MIConfig, "k", "--mi-k", min=1, help="Neighbours in the KSG estimator.")
 _MI_SAMPLES = config_option(MIConfig, "samples", "--mi-samples", min=5, help="Test pairs used by the KSG estimator.")
 _EVAL_SEED = config_option(AttackConfig, "seed", "--eval-seed", help="Seed of the attackers, decoder and MI estimate.")
+_STRENGTH = typer.Option("standard", "--strength", help="standard: the attacks above. strong: also every attacker architecture at twice the server's width, 8+ views, 16+ averaged copies, the decoder with a clean-data prior, white-box input-optimisation inversion through the known client, the Fisher-information bound, and the secret read from every reconstruction (RUN/attacks.png).")
+_PRIOR_EPOCHS = typer.Option(10, "--prior-epochs", min=1, help="Strong preset: epochs of the clean autoencoder that starts the decoder with a prior.")
+_INV_RECORDS = config_option(InversionConfig, "records", "--inversion-records", min=1, help="Strong preset: test records inverted by input optimisation.")
+_INV_STEPS = config_option(InversionConfig, "steps", "--inversion-steps", min=1, help="Strong preset: optimisation steps per restart of the inversion.")
+_INV_RESTARTS = config_option(InversionConfig, "restarts", "--inversion-restarts", min=1, help="Strong preset: restarts per record (the mean record, then random ones).")
+_INV_CAP = config_option(InversionConfig, "time_cap", "--inversion-time-cap", min=1.0, help="Strong preset: seconds for the whole inversion (tuning of its prior included).")
+_FISHER_RECORDS = config_option(FisherConfig, "records", "--fisher-records", min=1, help="Strong preset: test records the Fisher bound is computed on (one Jacobian each).")
 _ATTACK_DEVICE = config_option(AttackConfig, "device", "--attack-device", help="Where the attackers train: cpu, cuda, cuda:N or auto (cuda when available).")
 
 
@@ -87,6 +96,13 @@ def _summary(p: dict) -> dict:
     out = {k: p.get(k) for k in keys}
     out["mi_normalised"] = (p.get("mi") or {}).get("ksg_normalised")
     out["psnr"] = (p.get("reconstruction") or {}).get("psnr")
+    for key in ("best_attack", "best_attack_name", "secret_from_reconstruction_acc", "secret_from_prior_reconstruction_acc", "secret_from_inversion_acc"):
+        if key in p:
+            out[key] = p[key]
+    if p.get("inversion"):
+        out["inversion_psnr"] = p["inversion"]["psnr"]
+    if p.get("fisher") and p["fisher"].get("applicable"):
+        out["fisher_psnr_ceiling"] = p["fisher"]["psnr_ceiling"]
     return out
 
 
@@ -108,8 +124,16 @@ def evaluate_cmd(
     mi_samples: int = _MI_SAMPLES,
     eval_seed: int = _EVAL_SEED,
     attack_device: str = _ATTACK_DEVICE,
+    strength: str = _STRENGTH,
+    prior_epochs: int = _PRIOR_EPOCHS,
+    inversion_records: int = _INV_RECORDS,
+    inversion_steps: int = _INV_STEPS,
+    inversion_restarts: int = _INV_RESTARTS,
+    inversion_time_cap: float = _INV_CAP,
+    fisher_records: int = _FISHER_RECORDS,
 ) -> None:
-    """Attack a trained run: attribute inference (several retrained attackers, both exposures), MI, reconstruction."""
+    """Attack a trained run: attribute inference (several retrained attackers, both exposures), MI, reconstruction
+    (``--strength strong``: also inversion through the known client, a decoder with a prior, the Fisher bound)."""
     from veil.evaluation.sweep import evaluate_run
 
     try:
@@ -117,6 +141,16 @@ def evaluate_cmd(
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
+        if strength == "strong":
+            from veil.evaluation.sweep import strong_preset
+
+            config = strong_preset(
+                config, prior_epochs=prior_epochs,
+                inversion=InversionConfig(records=inversion_records, steps=inversion_steps, restarts=inversion_restarts, time_cap=inversion_time_cap, seed=eval_seed),
+                fisher=FisherConfig(records=fisher_records, seed=eval_seed),
+            )
+        elif strength != "standard":
+            raise ValueError(f"--strength must be standard or strong, got {strength!r}")
         result = evaluate_run(run, config)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)

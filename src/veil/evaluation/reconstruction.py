@@ -49,6 +49,10 @@ class ReconstructionConfig:
         exposure: ``inference`` or ``training``.
         grid_records: Test records drawn in the PNG grid.
         seed: Seed of initialisation, order and noise.
+        prior_epochs: Epochs of pretraining on clean records before the decoder meets any message (the
+            attacker's public-data prior, as SIMBA's decoder attack assumes): an autoencoder of the clean
+            training records whose weights start the decoder (all of them where the message has the
+            record's shape; otherwise its convolutional refinement stage). 0: no pretraining.
     """
 
     epochs: int = 30
@@ -62,11 +66,14 @@ class ReconstructionConfig:
     grid_records: int = 8
     views: int = 4
     seed: int = 0
+    prior_epochs: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "patience", "batch_size", "width", "grid_records", "views"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0 <= int(self.prior_epochs) <= 10_000:
+            raise ValueError(f"prior_epochs must lie in [0, 10000], got {self.prior_epochs!r}")
         for name, most in (("width", 1024), ("epochs", 10_000), ("views", 64), ("grid_records", 64)):
             if int(getattr(self, name)) > most:
                 raise ValueError(f"{name} must be <= {most}, got {getattr(self, name)!r}")
@@ -80,7 +87,10 @@ class ReconstructionConfig:
             raise ValueError(f"unknown exposure {self.exposure!r}; valid: {', '.join(EXPOSURES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.prior_epochs:  # configs saved before the prior existed compare equal (sweep resumes)
+            del out["prior_epochs"]
+        return out
 
 
 def build_decoder(message_shape: tuple[int, ...], record_shape: tuple[int, int, int], width: int = 64) -> nn.Module:
@@ -117,6 +127,11 @@ def image_scores(original: np.ndarray, recon: np.ndarray, data_range: float) -> 
 
 def save_grid(path: str | Path, original: np.ndarray, message: np.ndarray, recon: np.ndarray, title: str = "") -> None:
     """PNG grid, one column per record: originals / obfuscated messages / reconstructions."""
+    save_rows(path, [("original", original), ("obfuscated", message), ("reconstructed", recon)], title)
+
+
+def save_rows(path: str | Path, rows: list[tuple[str, np.ndarray]], title: str = "") -> None:
+    """PNG grid, one labelled row per array (N, C, H, W) or (N, m) (a vector is drawn as a strip), one column per record."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,9 +139,8 @@ def save_grid(path: str | Path, original: np.ndarray, message: np.ndarray, recon
 
     from veil.io import atomic_path
 
-    n = len(original)
-    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
-    rows = (("original", original), ("obfuscated", message), ("reconstructed", recon))
+    n = min(len(imgs) for _, imgs in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n, 1.4 * len(rows)), squeeze=False)
     for r, (label, imgs) in enumerate(rows):
         for i in range(n):
             ax = axes[r][i]
@@ -154,6 +168,7 @@ def reconstruction_attack(
     config: ReconstructionConfig | None = None,
     *,
     grid_path: str | Path | None = None,
+    secret_reader: Any = None,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train a decoder on obfuscated records the defense did not train on, score it on obfuscated test records.
@@ -161,27 +176,21 @@ def reconstruction_attack(
     Returns ``psnr`` and ``ssim`` (test means), ``mse``, ``baseline_psnr``/``baseline_ssim`` (predicting
     the mean training record for every input: what a decoder that learnt nothing reaches), the decoder's
     training record, ``records`` (counts and sources), ``data_range`` and the config; writes the PNG grid
-    to ``grid_path`` if given.
+    to ``grid_path`` if given. With a ``secret_reader`` (:class:`veil.evaluation.secret_readout.SecretReader`)
+    also ``secret`` (its accuracy on the reconstructed test records).
     """
-    config = config or ReconstructionConfig()
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    tr, va, records = attacker_splits(task, config.train_size, config.test_size, config.seed)
-    te = _subset(task.test, config.test_size, config.seed + 2)
-    seed_everything(config.seed + 13)
-    views = [_messages(defense, tr, config.exposure) for _ in range(config.views)]
-    m_va, m_te = _messages(defense, va, config.exposure), _messages(defense, te, config.exposure)
-    m_tr = views[0]
-    x_tr = tr.x
-    lo, hi = float(x_tr.min()), float(x_tr.max())
-    data_range = (hi - lo) or 1.0
-    decoder = build_decoder(tuple(m_tr.shape[1:]), task.input_shape, config.width)
-    # predict the residual over the mean training record, so the decoder starts at the baseline
-    model = nn.Sequential(Standardize(m_tr), decoder, _AddMean(x_tr.mean(0)))
+    out, _, _, _ = decoder_attack(defense, task, config, grid_path=grid_path, secret_reader=secret_reader, log=log)
+    return out
+
+
+def _fit(model: nn.Module, views: list[torch.Tensor], x_tr: torch.Tensor, m_va: torch.Tensor, x_va: torch.Tensor,
+         config: ReconstructionConfig, epochs: int) -> tuple[float, int, int]:
+    """Train ``model`` on (view, x_tr) pairs, the views cycled over epochs, keeping the weights with the lowest
+    validation MSE; return (best validation MSE, best epoch, epochs run)."""
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
-    best, best_state, best_epoch, stall, t0, epoch = math.inf, None, 0, 0, time.time(), 0
-    log(f"[reconstruction/{config.exposure}] message shape {tuple(m_tr.shape[1:])} -> record {task.input_shape}; {len(tr)} train records x {len(views)} views")
-    for epoch in range(1, config.epochs + 1):
+    best, best_state, best_epoch, stall, epoch = math.inf, None, 0, 0, 0
+    for epoch in range(1, epochs + 1):
         m_tr = views[(epoch - 1) % len(views)]
         model.train()
         perm = torch.randperm(len(m_tr), generator=gen)
@@ -193,7 +202,7 @@ def reconstruction_attack(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        val = _mse(model, m_va, va.x)
+        val = _mse(model, m_va, x_va)
         if val < best:
             best, best_epoch, stall, best_state = val, epoch, 0, copy.deepcopy(model.state_dict())
         else:
@@ -203,6 +212,53 @@ def reconstruction_attack(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    return best, best_epoch, epoch
+
+
+def _pretrain_prior(decoder: nn.Module, message_shape: tuple[int, ...], tr: Any, va: Any, record_shape: tuple[int, int, int],
+                    config: ReconstructionConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """Autoencode the clean records (the attacker's public data) and start ``decoder`` from the result: all
+    weights where the message has the record's shape, else the shared refinement stage (the last module)."""
+    auto = build_decoder(record_shape, record_shape, config.width)
+    model = nn.Sequential(Standardize(tr.x), auto, _AddMean(tr.x.mean(0)))
+    val, best_epoch, ran = _fit(model, [tr.x], tr.x, va.x, va.x, config, config.prior_epochs)
+    same = tuple(message_shape) == tuple(record_shape)
+    (decoder if same else decoder[-1]).load_state_dict((auto if same else auto[-1]).state_dict())
+    log(f"[reconstruction/prior] autoencoder of {len(tr)} clean records: val MSE {val:.5f} (epoch {best_epoch}/{ran}); "
+        f"starts {'the whole decoder' if same else 'the refinement stage'}")
+    return {"val_mse": val, "best_epoch": best_epoch, "epochs_run": ran, "transferred": "all" if same else "refinement"}
+
+
+def decoder_attack(
+    defense: Defense,
+    task: Task,
+    config: ReconstructionConfig | None = None,
+    *,
+    grid_path: str | Path | None = None,
+    secret_reader: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reconstruction_attack`, also returning the test records (N, C, H, W), their messages and the
+    reconstructions (N, C, H, W), for the caller's grid and secret readout."""
+    config = config or ReconstructionConfig()
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    tr, va, records = attacker_splits(task, config.train_size, config.test_size, config.seed)
+    te = _subset(task.test, config.test_size, config.seed + 2)
+    seed_everything(config.seed + 13)
+    views = [_messages(defense, tr, config.exposure) for _ in range(config.views)]
+    m_va, m_te = _messages(defense, va, config.exposure), _messages(defense, te, config.exposure)
+    m_tr = views[0]
+    x_tr = tr.x
+    lo, hi = float(x_tr.min()), float(x_tr.max())
+    data_range = (hi - lo) or 1.0
+    t0 = time.time()
+    decoder = build_decoder(tuple(m_tr.shape[1:]), task.input_shape, config.width)
+    prior = _pretrain_prior(decoder, tuple(m_tr.shape[1:]), tr, va, task.input_shape, config, log) if config.prior_epochs else None
+    # predict the residual over the mean training record, so the decoder starts at the baseline
+    model = nn.Sequential(Standardize(m_tr), decoder, _AddMean(x_tr.mean(0)))
+    tag = "reconstruction/prior" if prior else "reconstruction"
+    log(f"[{tag}/{config.exposure}] message shape {tuple(m_tr.shape[1:])} -> record {task.input_shape}; {len(tr)} train records x {len(views)} views")
+    best, best_epoch, epoch = _fit(model, views, x_tr, m_va, va.x, config, config.epochs)
     with torch.no_grad():
         recon = torch.cat([model(m_te[i : i + 512]) for i in range(0, len(m_te), 512)]).clamp(lo, hi)
     orig = te.x.numpy().astype(np.float64)
@@ -227,12 +283,17 @@ def reconstruction_attack(
         "records": records,
         "config": config.to_dict(),
     }
-    log(f"[reconstruction/{config.exposure}] PSNR {psnr:.2f} dB, SSIM {ssim:.3f} (mean-image baseline {b_psnr:.2f} dB, {b_ssim:.3f})")
+    if prior is not None:
+        out["prior"] = prior
+    log(f"[{tag}/{config.exposure}] PSNR {psnr:.2f} dB, SSIM {ssim:.3f} (mean-image baseline {b_psnr:.2f} dB, {b_ssim:.3f})")
+    if secret_reader is not None:
+        out["secret"] = secret_reader.read(recon, te.z)
+        log(f"[{tag}] secret read from the reconstructions: {out['secret']['acc']:.4f}")
     if grid_path is not None:
         n = min(config.grid_records, len(te))
         save_grid(grid_path, orig[:n], m_te[:n].numpy(), rec[:n], title=f"{defense.name}: PSNR {psnr:.1f} dB, SSIM {ssim:.2f}")
         out["grid"] = str(grid_path)
-    return out
+    return out, te.x, m_te, recon
 
 
 class _AddMean(nn.Module):
@@ -253,4 +314,4 @@ def _mse(model: nn.Module, m: torch.Tensor, x: torch.Tensor) -> float:
     return total / max(1, x.numel())
 
 
-__all__ = ["ReconstructionConfig", "build_decoder", "image_scores", "reconstruction_attack", "save_grid"]
+__all__ = ["ReconstructionConfig", "build_decoder", "decoder_attack", "image_scores", "reconstruction_attack", "save_grid", "save_rows"]

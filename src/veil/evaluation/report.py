@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from veil.evaluation.sweep import PRIVACY_FILE
+from veil.evaluation.sweep import ATTACK_KEYS, PRIVACY_FILE, best_attack
 from veil.io import atomic_path, read_json, write_bytes, write_csv
 from veil.training.run import check_output_folder, make_output_folder
 
@@ -22,6 +22,10 @@ COLUMNS = (
     "attack_acc", "best_attacker", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc", "majority_floor",
     "primary_only_floor", "mi_ksg", "mi_normalised", "mi_gaussian_bound", "psnr", "ssim",
     "client_flops_share", "run",
+    # the strong preset (veil evaluate --strength strong); empty for standard evaluations
+    "secret_from_reconstruction_acc", "secret_from_prior_reconstruction_acc", "secret_from_inversion_acc",
+    "prior_psnr", "inversion_psnr", "inversion_path", "fisher_mse_bound", "fisher_psnr_ceiling", "strength",
+    "best_attack", "best_attack_name",
 )
 
 
@@ -40,7 +44,7 @@ def collect(dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
 
 
 #: Fields of a privacy.json the report reads: accuracies and floors (numbers in [0, 1] or null), other numbers.
-_SHARES = ("primary_acc", "attack_acc", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc", "majority_floor", "primary_only_floor")
+_SHARES = ("primary_acc", *ATTACK_KEYS, "majority_floor", "primary_only_floor")
 _NUMBERS = ("knob_value", "client_flops_share")
 
 
@@ -65,7 +69,8 @@ def check_privacy(p: Any, path: Path) -> dict[str, Any]:
             raise bad(f"{key!r} is an accuracy, so it lies in [0, 1]; got {v!r}")
     if p.get("best_attacker") is not None and not isinstance(p["best_attacker"], str):
         raise bad(f"'best_attacker' must be a name or null, got {p['best_attacker']!r}")
-    for key, fields in (("mi", ("ksg", "ksg_normalised")), ("reconstruction", ("psnr", "ssim"))):
+    for key, fields in (("mi", ("ksg", "ksg_normalised")), ("reconstruction", ("psnr", "ssim")), ("reconstruction_prior", ("psnr", "ssim")),
+                        ("inversion", ("psnr", "ssim")), ("fisher", ("mse_bound", "psnr_ceiling"))):
         sub = p.get(key)
         if sub is None:
             continue
@@ -82,11 +87,13 @@ def check_privacy(p: Any, path: Path) -> dict[str, Any]:
 
 
 def flatten(p: dict[str, Any]) -> dict[str, Any]:
-    """One table row from a ``privacy.json`` dict."""
+    """One table row from a ``privacy.json`` dict; ``best_attack``/``best_attack_name``: the strongest of
+    :data:`~veil.evaluation.sweep.ATTACK_KEYS` (recomputed, so files written before they existed have them)."""
     mi = p.get("mi") or {}
     rec = p.get("reconstruction") or {}
     bound = mi.get("gaussian_bound") or {}
     row = {k: p.get(k) for k in COLUMNS if k in p}
+    fisher = p.get("fisher") or {}
     row.update(
         {
             "mi_ksg": mi.get("ksg"),
@@ -94,8 +101,15 @@ def flatten(p: dict[str, Any]) -> dict[str, Any]:
             "mi_gaussian_bound": bound.get("full"),
             "psnr": rec.get("psnr"),
             "ssim": rec.get("ssim"),
+            "prior_psnr": (p.get("reconstruction_prior") or {}).get("psnr"),
+            "inversion_psnr": (p.get("inversion") or {}).get("psnr"),
+            "inversion_path": (p.get("inversion") or {}).get("path"),
+            "fisher_mse_bound": fisher.get("mse_bound"),
+            "fisher_psnr_ceiling": fisher.get("psnr_ceiling"),
+            "strength": (p.get("evaluation_config") or {}).get("strength", "standard"),
         }
     )
+    row["best_attack"], row["best_attack_name"] = best_attack(row)
     return {k: row.get(k) for k in COLUMNS}
 
 
@@ -120,6 +134,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         ("averaging_attack_acc", "attack, averaged copies"), ("primary_only_floor", "primary-only floor"),
         ("majority_floor", "majority floor"), ("mi_normalised", "MI (KSG, normalised)"), ("psnr", "PSNR dB"),
         ("ssim", "SSIM"), ("client_flops_share", "client FLOPs share"),
+        ("secret_from_inversion_acc", "secret from inversion"), ("inversion_psnr", "inversion PSNR dB"),
+        ("best_attack", "best attack"), ("best_attack_name", "best attack is"),
     )
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

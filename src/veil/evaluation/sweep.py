@@ -19,9 +19,11 @@ from typing import Any, Callable, Iterable
 from veil.data.readers import fingerprint
 from veil.data.tasks import Task, load_task
 from veil.defenses import defense_class
-from veil.evaluation.attack import AttackConfig, attribute_attack
+from veil.evaluation.attack import IMAGE_ATTACKERS, VECTOR_ATTACKERS, AttackConfig, attribute_attack
+from veil.evaluation.fisher import FisherConfig, fisher_bound
+from veil.evaluation.inversion import InversionConfig, inversion_attack
 from veil.evaluation.mutual_information import MIConfig, mutual_information
-from veil.evaluation.reconstruction import ReconstructionConfig, reconstruction_attack
+from veil.evaluation.reconstruction import ReconstructionConfig, decoder_attack, save_rows
 from veil.io import read_json, write_json
 from veil.noise import seed_everything
 from veil.training.loop import TrainConfig
@@ -29,6 +31,25 @@ from veil.training.run import build, check_data_unchanged, check_output_folder, 
 
 PRIVACY_FILE = "privacy.json"
 RECONSTRUCTION_FILE = "reconstruction.png"
+#: The strong preset's grid: records / messages / every reconstruction of the same test records.
+ATTACKS_FILE = "attacks.png"
+STRENGTHS = ("standard", "strong")
+
+#: Every attribute attack of a privacy.json (the accuracy of reading the secret), all counted in the best
+#: attack: the retrained attackers at each exposure, the averaging attack, and the secret read from each
+#: reconstruction attack's records (the strong preset).
+ATTACK_KEYS = (
+    "attack_acc", "attack_acc_training", "attack_acc_training_time", "averaging_attack_acc",
+    "secret_from_reconstruction_acc", "secret_from_prior_reconstruction_acc", "secret_from_inversion_acc",
+)
+
+
+def best_attack(row: dict[str, Any]) -> tuple[float | None, str | None]:
+    """The strongest attribute attack in ``row`` (a privacy.json or a report row) and its key (:data:`ATTACK_KEYS`)."""
+    found = [(float(row[k]), k) for k in ATTACK_KEYS if row.get(k) is not None]
+    if not found:
+        return None, None
+    return max(found, key=lambda t: (t[0], -ATTACK_KEYS.index(t[1])))
 
 
 def check_result_files(folder: Path, names: list[str]) -> None:
@@ -51,18 +72,71 @@ class EvalConfig:
         attack: The attribute-inference attack's effort.
         reconstruction: The reconstruction attack (``None``: skipped).
         mi: The mutual-information estimate (``None``: skipped).
+        prior: The decoder with a prior (``ReconstructionConfig`` with ``prior_epochs`` > 0; ``None``: skipped).
+        inversion: The white-box input-optimisation inversion (``None``: skipped).
+        fisher: The Fisher-information bound (``None``: skipped).
+        secret_readout: Read the secret from every reconstruction attack's records with a classifier trained
+            on clean records (:mod:`veil.evaluation.secret_readout`).
+        strength: ``standard`` or ``strong`` (:func:`strong_preset`), recorded.
     """
 
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
     reconstruction: ReconstructionConfig | None = dataclasses.field(default_factory=ReconstructionConfig)
     mi: MIConfig | None = dataclasses.field(default_factory=MIConfig)
+    prior: ReconstructionConfig | None = None
+    inversion: InversionConfig | None = None
+    fisher: FisherConfig | None = None
+    secret_readout: bool = False
+    strength: str = "standard"
+
+    def __post_init__(self) -> None:
+        if self.strength not in STRENGTHS:
+            raise ValueError(f"strength must be one of {', '.join(STRENGTHS)}, got {self.strength!r}")
+        if self.prior is not None and not self.prior.prior_epochs:
+            raise ValueError("prior: the decoder with a prior needs prior_epochs >= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "attack": self.attack.to_dict(),
             "reconstruction": None if self.reconstruction is None else self.reconstruction.to_dict(),
             "mi": None if self.mi is None else self.mi.to_dict(),
         }
+        # the strong preset's parts only where set, so standard configs saved before them compare equal (sweep resumes)
+        if self.strength != "standard" or self.prior or self.inversion or self.fisher or self.secret_readout:
+            out.update({
+                "prior": None if self.prior is None else self.prior.to_dict(),
+                "inversion": None if self.inversion is None else self.inversion.to_dict(),
+                "fisher": None if self.fisher is None else self.fisher.to_dict(),
+                "secret_readout": self.secret_readout,
+                "strength": self.strength,
+            })
+        return out
+
+
+#: The strong preset's attacker width: twice the server model's 32 channels.
+STRONG_WIDTH = 64
+
+
+def strong_preset(
+    config: EvalConfig,
+    *,
+    prior_epochs: int = 10,
+    inversion: InversionConfig | None = None,
+    fisher: FisherConfig | None = None,
+) -> EvalConfig:
+    """``config`` made strong: every attacker architecture (the server's own among them) at
+    :data:`STRONG_WIDTH` or more channels, at least 8 views and 16 averaged copies, the decoder with and
+    without a prior, the input-optimisation inversion, the Fisher bound, and the secret read from every
+    reconstruction. Epochs, patience and record counts stay as given."""
+    a = config.attack
+    attackers = tuple(dict.fromkeys((*a.attackers, *IMAGE_ATTACKERS, *VECTOR_ATTACKERS)))
+    attack = dataclasses.replace(a, attackers=attackers, width=max(a.width, STRONG_WIDTH), views=max(a.views, 8), averaging_k=max(a.averaging_k, 16))
+    recon = config.reconstruction or ReconstructionConfig(train_size=a.train_size, test_size=a.test_size, seed=a.seed)
+    recon = dataclasses.replace(recon, views=max(recon.views, 8))
+    return dataclasses.replace(
+        config, attack=attack, reconstruction=recon, prior=dataclasses.replace(recon, prior_epochs=max(1, prior_epochs)),
+        inversion=inversion or InversionConfig(seed=a.seed), fisher=fisher or FisherConfig(seed=a.seed), secret_readout=True, strength="strong",
+    )
 
 
 def evaluate_run(
@@ -89,7 +163,7 @@ def evaluate_run(
     run = Path(run)
     train_cfg, task, defense, model = load_run(run, task=task)
     metrics = read_json(run / "metrics.json")
-    check_result_files(run, [PRIVACY_FILE, RECONSTRUCTION_FILE])  # before the attacks, not after them
+    check_result_files(run, [PRIVACY_FILE, RECONSTRUCTION_FILE, ATTACKS_FILE])  # before the attacks, not after them
     config.attack.torch_device()  # a device that is not there is named before any work
     seed_everything(config.attack.seed)
     measured = evaluate_primary(defense, model, task)  # measured now, on the weights being attacked
@@ -127,11 +201,9 @@ def evaluate_run(
         log(f"[evaluate] MI (KSG, nats): {out['mi']['ksg']:.3f}, normalised {out['mi']['ksg_normalised']}")
     else:
         out["mi"] = None
-    if config.reconstruction is not None:
-        out["reconstruction"] = reconstruction_attack(defense, task, config.reconstruction, grid_path=run / RECONSTRUCTION_FILE, log=log)
-    else:
-        out["reconstruction"] = None
-        (run / RECONSTRUCTION_FILE).unlink(missing_ok=True)  # a grid from an earlier evaluation would not match
+    out.update(_reconstruction_attacks(defense, task, config, run, log))
+    out["best_attack"], out["best_attack_name"] = best_attack(out)
+    log(f"[evaluate] best attack: {out['best_attack_name']} = {out['best_attack']}")
     out["evaluation_config"] = config.to_dict()
     out["train_config"] = train_cfg.to_dict()
     out["seconds"] = round(time.time() - t0, 2)
@@ -143,6 +215,57 @@ def evaluate_run(
         f"(floors: majority {out['majority_floor']:.4f}, primary-only {out['primary_only_floor']:.4f}) -> {run / PRIVACY_FILE}"
     )
     return out
+
+
+def _reconstruction_attacks(defense: Any, task: Task, config: EvalConfig, run: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """The decoder (with and without a prior), the inversion, the Fisher bound and the secrets read from
+    each reconstruction, as privacy.json keys; writes the grids (and removes grids this evaluation does not
+    make, which would not match it)."""
+    reader = None
+    if config.secret_readout and (config.reconstruction or config.prior or config.inversion):
+        from veil.evaluation.secret_readout import train_secret_reader
+
+        reader = train_secret_reader(task, config.attack, log=log)
+    out: dict[str, Any] = {"reconstruction": None}
+    rows: list[tuple[str, Any]] = []
+    if config.reconstruction is not None:
+        out["reconstruction"], x, m, rec = decoder_attack(defense, task, config.reconstruction, grid_path=run / RECONSTRUCTION_FILE, secret_reader=reader, log=log)
+        rows += [("record", x), ("message", m), (f"decoder {out['reconstruction']['psnr']:.1f} dB", rec)]
+    else:
+        (run / RECONSTRUCTION_FILE).unlink(missing_ok=True)
+    if config.prior is not None:
+        out["reconstruction_prior"], x, m, rec = decoder_attack(defense, task, config.prior, secret_reader=reader, log=log)
+        rows = rows or [("record", x), ("message", m)]
+        rows.append((f"decoder+prior {out['reconstruction_prior']['psnr']:.1f} dB", rec))
+    if config.inversion is not None:
+        test_size = (config.reconstruction or config.prior).test_size if (config.reconstruction or config.prior) else config.attack.test_size
+        out["inversion"], te, m, rec = inversion_attack(defense, task, config.inversion, test_size=test_size, log=log)
+        x = te.x
+        if reader is not None:
+            out["inversion"]["secret"] = reader.read(rec, te.z)
+            log(f"[inversion] secret read from the estimates: {out['inversion']['secret']['acc']:.4f}")
+        rows = rows or [("record", x), ("message", m)]
+        rows.append((f"inversion {out['inversion']['psnr']:.1f} dB", rec))
+    if config.fisher is not None:
+        out["fisher"] = fisher_bound(defense, task, config.fisher)
+        if out["fisher"].get("applicable"):
+            f = out["fisher"]
+            log(f"[fisher] MSE bound of unbiased attackers {f['mse_bound']} (PSNR ceiling {f['psnr_ceiling']}), 1/dFIL {f['mse_bound_dfil']}; "
+                f"{f['singular_records']} of {f['records']} records with uninformative directions")
+    for key, name in (("reconstruction", "secret_from_reconstruction_acc"), ("reconstruction_prior", "secret_from_prior_reconstruction_acc"), ("inversion", "secret_from_inversion_acc")):
+        if config.secret_readout:
+            out[name] = ((out.get(key) or {}).get("secret") or {}).get("acc")
+    if config.strength == "strong" and rows:
+        n = min(config.reconstruction.grid_records if config.reconstruction else 8, *(len(r) for _, r in rows))
+        save_rows(run / ATTACKS_FILE, [(label, _numpy(t[:n])) for label, t in rows], title=f"{defense.name}: records, messages and reconstructions")
+        out["attacks_grid"] = str(run / ATTACKS_FILE)
+    else:
+        (run / ATTACKS_FILE).unlink(missing_ok=True)
+    return out
+
+
+def _numpy(t: Any) -> Any:
+    return t.detach().cpu().numpy()
 
 
 def run_dir(out: str | Path, defense: str, knob: float | None) -> Path:
@@ -241,4 +364,4 @@ def parse_knobs(text: str) -> list[float | None]:
     return values
 
 
-__all__ = ["EvalConfig", "PRIVACY_FILE", "evaluate_run", "parse_knobs", "run_dir", "sweep"]
+__all__ = ["ATTACK_KEYS", "EvalConfig", "PRIVACY_FILE", "best_attack", "evaluate_run", "parse_knobs", "run_dir", "strong_preset", "sweep"]
