@@ -7,8 +7,7 @@ the engine for the task, and the tag must not. Each record carries the tag's reg
 tag's box), which region hard selection uses in training.
 
 ``fashion-overlay`` draws the tag *over* the object instead (:func:`overlay_tags`): at a random position
-inside the object's bounding box, each tag pixel inverting what lies beneath in proportion to its ink, so
-the digit reads on dark and bright cloth alike. There, blanking the tag's box removes garment pixels too.
+inside the object's bounding box, printed bright with a dark outline so that it reads on any cloth. There, blanking the tag's box removes garment pixels too.
 
 Everything is deterministic from the seed.
 """
@@ -70,12 +69,20 @@ def paste_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.nda
     return x, mask
 
 
+def _grow(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, H, W): each pixel the max over its 3x3 neighbourhood (a one-pixel dilation)."""
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
+    h, w = images.shape[1:]
+    return np.max([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0)
+
+
 def overlay_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Compose records with the tag drawn over the object: each object at a random offset, each tag at a
     random position inside the object's bounding box (centred on it along a side shorter than the tag).
 
-    A tag pixel of ink ``t`` turns the pixel ``g`` beneath into ``(1 - t) g + t (1 - g)``: it inverts the
-    cloth where the digit is drawn, so the digit is legible on bright and dark cloth alike.
+    The tag is printed like a sticker: its ink ``t`` drawn bright over the cloth ``g``, which is darkened
+    under the strokes and a one-pixel outline around them (``halo``, the ink grown by a 3x3 max filter):
+    ``(1 - halo) g + t``, so the digit is legible on bright and dark cloth alike.
 
     Args:
         objects: (N, OBJECT, OBJECT) float in [0, 1].
@@ -94,6 +101,7 @@ def overlay_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.n
     mask = np.zeros((n, 1, CANVAS, CANVAS), np.uint8)
     obj_pos = rng.integers(0, CANVAS - OBJECT + 1, size=(n, 2))
     u = rng.random((n, 2))  # where inside the object's box, as a fraction of the room there
+    halo = _grow(tags)
     for i in range(n):
         r, c = obj_pos[i]
         x[i, 0, r : r + OBJECT, c : c + OBJECT] = objects[i]
@@ -105,6 +113,6 @@ def overlay_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.n
             corner.append(int(np.clip(start, 0, CANVAS - TAG)))
         tr, tc = corner
         under = x[i, 0, tr : tr + TAG, tc : tc + TAG]
-        x[i, 0, tr : tr + TAG, tc : tc + TAG] = (1 - tags[i]) * under + tags[i] * (1 - under)
+        x[i, 0, tr : tr + TAG, tc : tc + TAG] = (1 - halo[i]) * under + tags[i]
         mask[i, 0, tr : tr + TAG, tc : tc + TAG] = 1
     return x, mask

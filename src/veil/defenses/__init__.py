@@ -29,6 +29,8 @@ _REGISTRY: dict[str, str] = {
     "scnl-twostage": "veil.defenses.scnl:SCNLTwoStage",
     "scnl-private": "veil.defenses.scnl:SCNLPrivate",
     "scnl-region": "veil.defenses.region:SCNLRegion",
+    "scnl-gate": "veil.defenses.gate:SCNLGate",
+    "scnl-gate-z": "veil.defenses.gate:SCNLGateSecret",
     "scnl-detect": "veil.detection.defense:SCNLDetect",
 }
 
