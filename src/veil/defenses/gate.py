@@ -48,7 +48,7 @@ def _number(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False
 
 
 class SCNLGate(Defense):
-    """Per-pixel L0 gates learnt from the task alone; closed pixels carry a template and noise.
+    """Per-pixel L0 gates learnt from y alone; closed pixels send noise.
 
     Args:
         lambda_: Weight of the expected L0 charge (mean open probability of the gates); larger = more
@@ -141,7 +141,7 @@ class SCNLGate(Defense):
 
 
 class SCNLGateSecret(SCNLGate):
-    """``scnl-gate`` trained against an adversary on the secret where z is known (known-secret mode).
+    """scnl-gate against an adversary on the known secrets.
 
     Args (beyond :class:`SCNLGate`'s):
         secret_fraction: Share of the training records whose secret the data owner hands over (the
