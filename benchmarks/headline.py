@@ -101,7 +101,7 @@ CPU = dict(
     mi=dict(samples=500, dims=8, k=3, pca_fit_size=1000),
 )
 #: Tasks whose records carry region masks (what region-selection defenses need); others skip those defenses.
-MASK_TASKS = ("fashion-tag", "digits-tag")
+MASK_TASKS = ("fashion-tag", "digits-tag", "fashion-overlay", "digits-overlay")
 #: A smoke test of the whole pipeline (minutes): tiny sizes and few epochs, the same attacker architectures
 #: (width 32, as many disjoint records as the defense had). Not a result.
 TINY = dict(

@@ -107,3 +107,19 @@ def test_mnist_unpickler_refuses_code(tmp_path):
     payload = pickle.dumps(os.system)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
         readers._NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+
+
+def test_digits_overlay_draws_the_tag_over_the_object_inside_its_mask():
+    from veil.data import load_task
+
+    over, beside = load_task("digits-overlay", seed=0), load_task("digits-tag", seed=0)
+    assert over.input_shape == beside.input_shape == (1, 40, 40)
+    assert len(over.train) == len(beside.train) and torch.equal(over.train.y, beside.train.y) and torch.equal(over.train.z, beside.train.z)
+    x, m = over.train.x, over.train.mask.bool()
+    assert float(x.min()) >= 0 and float(x.max()) <= 1
+    assert torch.all(m.flatten(1).sum(1) == 14 * 14)
+    # the tag's box lies on the object: much of the box is inked (object or tag), where beside the object
+    # the box would be mostly blank
+    inside_object = [(x[i, 0][m[i, 0]] > 0.1).float().mean() for i in range(50)]
+    assert float(torch.stack(inside_object).mean()) > 0.3
+    assert torch.equal(load_task("digits-overlay", seed=0).train.x, x)  # deterministic from the seed

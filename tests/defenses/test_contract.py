@@ -66,12 +66,16 @@ def test_gradients_reach_every_trainable_tensor(name):
     mask = None
     if d.uses_mask:  # as in training: the data owner's region masks (a selector may learn from them alone)
         mask = region_mask(len(x))
+    secret = None
+    if d.uses_secret:  # as in training: the secret's label where the data owner knows it, -1 elsewhere
+        secret = torch.arange(len(x)) % 10
+        secret[::2] = -1
     for stage in d.stages():
         d.set_stage(stage.name)
         d.train()
         trainable = [(n, p) for n, p in d.named_parameters() if p.requires_grad]
         d.zero_grad(set_to_none=True)
-        loss, _ = train_step(d, model, x, y, stage, mask)
+        loss, _ = train_step(d, model, x, y, stage, mask, secret)
         loss.backward()
         for n, p in trainable:
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}/{stage.name}: no gradient for {n}"

@@ -6,6 +6,9 @@ garment class, the secondary label the tag's digit, which says nothing about the
 the engine for the task, and the tag must not. Each record carries the tag's region mask (the pixels of the
 tag's box), which region hard selection uses in training.
 
+``fashion-overlay`` draws the tag *over* the object instead (:func:`overlay_tags`): at a random position
+inside the object's bounding box, printed bright with a dark outline so that it reads on any cloth. There, blanking the tag's box removes garment pixels too.
+
 Everything is deterministic from the seed.
 """
 
@@ -62,5 +65,54 @@ def paste_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.nda
         overlap = np.clip(np.minimum(tr + TAG, r1) - np.maximum(tr, r0), 0, None) * np.clip(np.minimum(tc + TAG, c1) - np.maximum(tc, c0), 0, None)
         tr, tc = tag_pos[i, int(np.argmin(overlap))]
         x[i, 0, tr : tr + TAG, tc : tc + TAG] = np.maximum(x[i, 0, tr : tr + TAG, tc : tc + TAG], tags[i])
+        mask[i, 0, tr : tr + TAG, tc : tc + TAG] = 1
+    return x, mask
+
+
+def _grow(images: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, H, W): each pixel the max over its 3x3 neighbourhood (a one-pixel dilation)."""
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1)))
+    h, w = images.shape[1:]
+    return np.max([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=0)
+
+
+def overlay_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Compose records with the tag drawn over the object: each object at a random offset, each tag at a
+    random position inside the object's bounding box (centred on it along a side shorter than the tag).
+
+    The tag is printed like a sticker: its ink ``t`` drawn bright over the cloth ``g``, which is darkened
+    under the strokes and a one-pixel outline around them (``halo``, the ink grown by a 3x3 max filter):
+    ``(1 - halo) g + t``, so the digit is legible on bright and dark cloth alike.
+
+    Args:
+        objects: (N, OBJECT, OBJECT) float in [0, 1].
+        tags: (N, TAG, TAG) float in [0, 1], one tag per object.
+        seed: Decides every position.
+
+    Returns:
+        x (N, 1, CANVAS, CANVAS) float32 in [0, 1] and the tag masks (N, 1, CANVAS, CANVAS) uint8: 1 on the
+        tag's box.
+    """
+    if objects.shape[1:] != (OBJECT, OBJECT) or tags.shape[1:] != (TAG, TAG) or len(objects) != len(tags):
+        raise ValueError(f"objects must be (N, {OBJECT}, {OBJECT}) and tags (N, {TAG}, {TAG}), got {objects.shape} and {tags.shape}")
+    rng = np.random.default_rng(seed)
+    n = len(objects)
+    x = np.zeros((n, 1, CANVAS, CANVAS), np.float32)
+    mask = np.zeros((n, 1, CANVAS, CANVAS), np.uint8)
+    obj_pos = rng.integers(0, CANVAS - OBJECT + 1, size=(n, 2))
+    u = rng.random((n, 2))  # where inside the object's box, as a fraction of the room there
+    halo = _grow(tags)
+    for i in range(n):
+        r, c = obj_pos[i]
+        x[i, 0, r : r + OBJECT, c : c + OBJECT] = objects[i]
+        r0, r1, c0, c1 = _bbox(objects[i])
+        corner = []
+        for lo, hi, frac in ((r0 + r, r1 + r, u[i, 0]), (c0 + c, c1 + c, u[i, 1])):
+            room = hi - lo - TAG
+            start = lo + int(frac * (room + 1)) if room >= 0 else (lo + hi - TAG) // 2
+            corner.append(int(np.clip(start, 0, CANVAS - TAG)))
+        tr, tc = corner
+        under = x[i, 0, tr : tr + TAG, tc : tc + TAG]
+        x[i, 0, tr : tr + TAG, tc : tc + TAG] = (1 - halo[i]) * under + tags[i]
         mask[i, 0, tr : tr + TAG, tc : tc + TAG] = 1
     return x, mask

@@ -10,6 +10,8 @@ Built-in tasks (``list_tasks()``):
   tag's region mask.
 * ``digits-tag``: the same composition from scikit-learn's digits (an 8x8 digit upscaled as the object, y =
   its digit; another digit as the tag, z); always available; tests of region selection.
+* ``fashion-overlay`` / ``digits-overlay``: the same records with the tag drawn *over* the object, at a random
+  position inside it (:func:`veil.data.scenes.overlay_tags`); blanking the tag's box costs object pixels.
 
 A user's data: ``npz:PATH`` (arrays x, y, z) or ``idx:DIR`` (MNIST-style IDX files; y = label < half
 of the classes, z = label).
@@ -148,26 +150,38 @@ def _fashion(seed: int) -> Task:
     return _from_train_test("fashion-lt5", readers.load_fashion_arrays(), seed, num_val=10000)
 
 
-def _fashion_tag(seed: int) -> Task:
-    """FashionMNIST item + a downscaled MNIST digit tag on a 40x40 canvas (:mod:`veil.data.scenes`);
-    y = garment class (10-way), z = the tag's digit (independent of y: floor about 10%)."""
+def _fashion_tag(seed: int, name: str = "fashion-tag", overlay: bool = False) -> Task:
+    """FashionMNIST item + a downscaled MNIST digit tag on a 40x40 canvas (:mod:`veil.data.scenes`), beside
+    the item or (``overlay``) drawn over it; y = garment class (10-way), z = the tag's digit (independent of
+    y: floor about 10%)."""
     from veil.data import scenes
 
+    compose = scenes.overlay_tags if overlay else scenes.paste_tags
     fashion, mnist = readers.load_fashion_arrays(), readers.load_mnist_arrays()
     (xtr, gtr), (xte, gte) = fashion["train"], fashion["test"]
     perm = np.random.default_rng(seed).permutation(len(xtr))
     parts = {"train": (xtr[perm[10000:]], gtr[perm[10000:]]), "val": (xtr[perm[:10000]], gtr[perm[:10000]]), "test": (xte, gte)}
     splits = {}
-    for i, (name, (objects, garment)) in enumerate(parts.items()):
-        digits, labels = mnist[name]
+    for i, (part, (objects, garment)) in enumerate(parts.items()):
+        digits, labels = mnist[part]
         pick = np.random.default_rng([seed, i]).integers(0, len(digits), size=len(objects))
         tags = scenes.downscale(digits[pick, 0], 2)
-        x, mask = scenes.paste_tags(objects[:, 0], tags, seed=seed * 10 + i)
-        splits[name] = Split(torch.from_numpy(x), torch.from_numpy(garment.astype(np.int64)), torch.from_numpy(labels[pick].astype(np.int64)), torch.from_numpy(mask))
-    return Task("fashion-tag", splits["train"], splits["val"], splits["test"], num_primary=10, num_secondary=10)
+        x, mask = compose(objects[:, 0], tags, seed=seed * 10 + i)
+        splits[part] = Split(torch.from_numpy(x), torch.from_numpy(garment.astype(np.int64)), torch.from_numpy(labels[pick].astype(np.int64)), torch.from_numpy(mask))
+    return Task(name, splits["train"], splits["val"], splits["test"], num_primary=10, num_secondary=10)
 
 
-def _digits_tag(seed: int) -> Task:
+def _fashion_overlay(seed: int) -> Task:
+    """``fashion-tag``'s records (same sizes, split and draws) with the tag drawn over the garment."""
+    return _fashion_tag(seed, "fashion-overlay", overlay=True)
+
+
+def _digits_overlay(seed: int) -> Task:
+    """``digits-tag``'s records with the tag drawn over the object digit (tests of mask-free selection)."""
+    return _digits_tag(seed, "digits-overlay", overlay=True)
+
+
+def _digits_tag(seed: int, name: str = "digits-tag", overlay: bool = False) -> Task:
     """The built-in, small counterpart of ``fashion-tag`` (no package needed): a scikit-learn 8x8 digit
     upscaled into a 28x28 box as the object (y = its digit) with another record's digit in a 14x14 box as the
     tag (z = that digit, drawn independently of y), on the same 40x40 canvas, with the tag's region mask;
@@ -184,7 +198,7 @@ def _digits_tag(seed: int) -> Task:
     objects = F.pad(F.interpolate(images, size=(20, 20), mode="bilinear", align_corners=False), (4, 4, 4, 4))[:, 0].clamp(0, 1)
     pick = rng.integers(0, len(x), size=len(x))
     tags = F.pad(F.interpolate(images[pick], size=(10, 10), mode="bilinear", align_corners=False), (2, 2, 2, 2))[:, 0].clamp(0, 1)
-    canvas, mask = scenes.paste_tags(objects.numpy(), tags.numpy(), seed=seed)
+    canvas, mask = (scenes.overlay_tags if overlay else scenes.paste_tags)(objects.numpy(), tags.numpy(), seed=seed)
     perm = rng.permutation(len(x))
     a, b = int(0.6 * len(x)), int(0.8 * len(x))
     y, z = d.astype(np.int64), d[pick].astype(np.int64)
@@ -192,7 +206,7 @@ def _digits_tag(seed: int) -> Task:
     def part(i: np.ndarray) -> Split:
         return Split(torch.from_numpy(canvas[i]), torch.from_numpy(y[i]), torch.from_numpy(z[i]), torch.from_numpy(mask[i]))
 
-    return Task("digits-tag", part(perm[:a]), part(perm[a:b]), part(perm[b:]), num_primary=10, num_secondary=10)
+    return Task(name, part(perm[:a]), part(perm[a:b]), part(perm[b:]), num_primary=10, num_secondary=10)
 
 
 def _npz(path: str, seed: int) -> Task:
@@ -214,7 +228,8 @@ def _idx(path: str, seed: int) -> Task:
 
 
 _TASKS: dict[str, Callable[[int], Task]] = {
-    "digits-lt5": _digits, "digits-tag": _digits_tag, "mnist-lt5": _mnist, "fashion-lt5": _fashion, "fashion-tag": _fashion_tag,
+    "digits-lt5": _digits, "digits-tag": _digits_tag, "digits-overlay": _digits_overlay, "mnist-lt5": _mnist,
+    "fashion-lt5": _fashion, "fashion-tag": _fashion_tag, "fashion-overlay": _fashion_overlay,
 }
 
 

@@ -31,6 +31,8 @@ _REGISTRY: dict[str, str] = {
     "scnl-region": "veil.defenses.region:SCNLRegion",
     "redact": "veil.defenses.redact:Redaction",
     "redact-oracle": "veil.defenses.redact:OracleRedaction",
+    "scnl-gate": "veil.defenses.gate:SCNLGate",
+    "scnl-gate-z": "veil.defenses.gate:SCNLGateSecret",
     "scnl-detect": "veil.detection.defense:SCNLDetect",
 }
 

@@ -98,6 +98,12 @@ class Defense(nn.Module, abc.ABC):
     #: Whether ``encode`` takes ``mask=`` (B, 1, H, W): the sensitive region, where the data owner knows it
     #: (region selection). :meth:`encode_batch` hands it over; other defenses never see a mask.
     uses_mask: ClassVar[bool] = False
+    #: Whether ``encode`` takes ``secret=`` (B,) int64: the secret's label where the data owner knows it, -1
+    #: elsewhere (known-secret mode, ``uses = "y,z"``). The training loop hands it over for a fixed
+    #: ``secret_fraction`` of the training records; it shapes the obfuscator's training, never the message.
+    uses_secret: ClassVar[bool] = False
+    #: Share of the training records whose secret the data owner gives such a defense (0 for all others).
+    secret_fraction: float = 0.0
     #: What the client-side obfuscator learns from, beyond the records: ``"y"`` (the primary labels, through
     #: the task loss), ``"y,mask"`` (also the data owner's region masks), ``"mask"``, ``"y,z"`` (also the
     #: secret's labels for some records) or ``"none"`` (nothing is learnt on the client). Every result row
@@ -127,15 +133,21 @@ class Defense(nn.Module, abc.ABC):
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Obfuscate a batch on the client. (B, *input_shape) -> (B, *output_shape). Stochastic."""
 
-    def encode_batch(self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``encode(x, y)``, plus the region ``mask`` for defenses that use one (:attr:`uses_mask`).
+    def encode_batch(
+        self, x: torch.Tensor, y: torch.Tensor | None = None, mask: torch.Tensor | None = None, secret: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``encode(x, y)``, plus the region ``mask`` for defenses that use one (:attr:`uses_mask`) and the
+        known secrets for those that use them (:attr:`uses_secret`).
 
-        The one place the training loop, the attacks and the deployment path call: a mask is side
-        information the data owner holds at the training exposure, never part of the message.
+        The one place the training loop, the attacks and the deployment path call: a mask or a secret is
+        side information the data owner holds at the training exposure, never part of the message.
         """
+        extra: dict[str, torch.Tensor] = {}
         if self.uses_mask and mask is not None:
-            return self.encode(x, y, mask=mask)  # type: ignore[call-arg]
-        return self.encode(x, y)
+            extra["mask"] = mask
+        if self.uses_secret and secret is not None:
+            extra["secret"] = secret
+        return self.encode(x, y, **extra)  # type: ignore[call-arg]
 
     def mask_for(self, labelled: bool, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The region ``mask`` a caller hands to :meth:`encode_batch`: where the data owner knows the label

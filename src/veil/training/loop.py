@@ -239,14 +239,17 @@ def training_recipe(defense: Defense, config: "TrainConfig") -> Recipe:
 
 
 def train_step(
-    defense: Defense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage, mask: torch.Tensor | None = None
+    defense: Defense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, stage: Stage, mask: torch.Tensor | None = None,
+    secret: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and logits for one batch in ``stage`` (encode on the client, decode + model on the server).
 
     ``mask``: the records' region masks, handed to region-selection defenses in stages that use labels
-    (what the data owner knows), ignored otherwise.
+    (what the data owner knows), ignored otherwise. ``secret``: the records' secret labels (-1 where
+    unknown), handed likewise to known-secret defenses.
     """
-    m = defense.encode_batch(x, y if stage.use_labels else None, defense.mask_for(stage.use_labels, mask))
+    known = stage.use_labels
+    m = defense.encode_batch(x, y if known else None, defense.mask_for(known, mask), secret if known else None)
     logits = model(defense.decode(m))
     loss = F.cross_entropy(logits, y) + defense.penalty()
     return loss, logits
@@ -284,6 +287,17 @@ def accuracy(defense: Defense, model: nn.Module, split: Split, *, use_labels: bo
     defense.train(was[0])
     model.train(was[1])
     return correct / max(1, len(split))
+
+
+def known_secrets(split: Split, fraction: float, seed: int) -> Split:
+    """``split`` with ``z`` kept for a fixed random ``fraction`` of its records (drawn from ``seed``, the same
+    in every epoch: the records whose secret the data owner knows) and -1 for the rest."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"secret_fraction must lie in [0, 1], got {fraction!r}")
+    keep = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed + 31))[: round(fraction * len(split))]
+    z = torch.full_like(split.z, -1)
+    z[keep] = split.z[keep]
+    return Split(split.x, split.y, z, split.mask)
 
 
 def _trainable(defense: Defense, model: nn.Module, stage: Stage) -> list[nn.Parameter]:
@@ -445,7 +459,9 @@ def fit(
             if engine:
                 loader = data.loader(config.batch_size, seed=seed)
             else:
-                loader = data.train.loader(config.batch_size, shuffle=True, seed=seed, with_mask=defense.uses_mask)
+                secrets = defense.uses_secret  # batches (x, y, z or -1, [mask]) for a known-secret defense
+                train = known_secrets(data.train, defense.secret_fraction, config.seed) if secrets else data.train
+                loader = train.loader(config.batch_size, shuffle=True, seed=seed, with_secondary=secrets, with_mask=defense.uses_mask)
             steps = len(loader)
             for i, (x, y, *extra) in enumerate(OnDevice(loader, device)):
                 for group in opt.param_groups:
@@ -455,7 +471,8 @@ def fit(
                     logits = model(defense.decode(m) if defense is not None else m)
                     loss = F.cross_entropy(logits, y)
                 else:
-                    loss, logits = train_step(defense, model, x, y, stage, extra[0] if extra else None)
+                    secret = extra.pop(0) if secrets else None
+                    loss, logits = train_step(defense, model, x, y, stage, extra[0] if extra else None, secret)
                 if anchor is not None:
                     loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
                 if not torch.isfinite(loss):
