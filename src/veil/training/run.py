@@ -241,11 +241,11 @@ def _best_epoch(defense: Defense, history: list[dict], config: TrainConfig) -> d
     """With early stopping: which epoch of the last stage was kept, and whether training stopped early."""
     if config.patience is None:
         return {}
-    last = [r for r in history if r.get("stage") == defense.stages()[-1].name and "val_acc" in r]
+    last = [r for r in history if r.get("stage") == defense.stages()[-1].name and "val_acc_inference" in r]
     if not last:
         return {}
-    best = max(range(len(last)), key=lambda i: (last[i]["val_acc"], -i))
-    return {"best_epoch": best + 1, "best_val_acc": last[best]["val_acc"], "stopped_early": bool(last[-1].get("stopped"))}
+    best = max(range(len(last)), key=lambda i: (last[i]["val_acc_inference"], -i))
+    return {"best_epoch": best + 1, "best_val_acc": last[best]["val_acc_inference"], "stopped_early": bool(last[-1].get("stopped"))}
 
 
 def check_finite_weights(defense: Defense, model: nn.Module) -> None:
