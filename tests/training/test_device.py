@@ -103,7 +103,7 @@ def test_every_stage_and_the_inference_path_stay_on_the_device(name, model_name)
         model.eval()
         with torch.no_grad():
             for labels, m in ((None, None), (y, mask)):  # inference, then the training exposure
-                out = model(defense.decode(defense.encode_batch(x, labels, m)))
+                out = model(defense.decode(defense.encode_batch(x, labels, defense.mask_for(labels is not None, mask))))
                 assert out.is_meta and out.shape == (B, C)
             assert defense.penalty().is_meta
 
