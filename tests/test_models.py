@@ -89,7 +89,8 @@ def test_every_model_reads_every_defense_message(name, defense_name):
     d = create_defense(defense_name, input_shape=(1, 8, 8), num_classes=2)
     model = create_model(name, d.output_shape(), 2)
     x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 2, (8,))
+    mask = (torch.rand(8, 1, 8, 8) > 0.7).float() if d.uses_mask else None  # region defenses and the oracle read one
     for stage in d.stages():
         d.set_stage(stage.name)
-        loss, logits = train_step(d, model, x, y, stage)
+        loss, logits = train_step(d, model, x, y, stage, mask=mask)
         assert logits.shape == (8, 2) and torch.isfinite(loss)

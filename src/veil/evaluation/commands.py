@@ -141,14 +141,14 @@ def evaluate_cmd(
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
+        # The strong preset's options are checked whatever --strength says: a bad value is refused, never ignored.
+        inversion = InversionConfig(records=inversion_records, steps=inversion_steps, restarts=inversion_restarts, time_cap=inversion_time_cap, seed=eval_seed)
+        fisher = FisherConfig(records=fisher_records, seed=eval_seed)
+        ReconstructionConfig(prior_epochs=prior_epochs)
         if strength == "strong":
             from veil.evaluation.sweep import strong_preset
 
-            config = strong_preset(
-                config, prior_epochs=prior_epochs,
-                inversion=InversionConfig(records=inversion_records, steps=inversion_steps, restarts=inversion_restarts, time_cap=inversion_time_cap, seed=eval_seed),
-                fisher=FisherConfig(records=fisher_records, seed=eval_seed),
-            )
+            config = strong_preset(config, prior_epochs=prior_epochs, inversion=inversion, fisher=fisher)
         elif strength != "standard":
             raise ValueError(f"--strength must be standard or strong, got {strength!r}")
         result = evaluate_run(run, config)
