@@ -33,6 +33,7 @@ _REGISTRY: dict[str, str] = {
     "redact-oracle": "veil.defenses.redact:OracleRedaction",
     "scnl-gate": "veil.defenses.gate:SCNLGate",
     "scnl-gate-z": "veil.defenses.gate:SCNLGateSecret",
+    "select-salient": "veil.defenses.salient:SalientSelection",
     "scnl-detect": "veil.detection.defense:SCNLDetect",
 }
 

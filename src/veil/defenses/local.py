@@ -80,8 +80,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True) * t * t
 
 
-def load_reference(run: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The server model of a finished ``none`` run (the teacher for distillation), in eval mode, frozen."""
+def load_reference(run: str, input_shape: tuple[int, ...], num_classes: int, option: str = "distill_from") -> nn.Module:
+    """The server model of a finished ``none`` run (the teacher for distillation, the reference of
+    ``select-salient``), in eval mode, frozen. ``option`` names the option in error messages."""
     from pathlib import Path
 
     from veil.io import load_weights, read_json
@@ -90,10 +91,10 @@ def load_reference(run: str, input_shape: tuple[int, ...], num_classes: int) -> 
     folder = Path(run)
     for name in ("config.json", "model.safetensors", "metrics.json"):
         if not (folder / name).is_file():
-            raise ValueError(f"distill_from: {folder} is not a finished run folder (no {name})")
+            raise ValueError(f"{option}: {folder} is not a finished run folder (no {name})")
     config = read_json(folder / "config.json")
     if not isinstance(config, dict) or config.get("defense") != "none":
-        raise ValueError(f"distill_from: {folder} was trained with defense {config.get('defense') if isinstance(config, dict) else None!r}; the teacher must be an undefended ('none') run, whose model reads clean records")
+        raise ValueError(f"{option}: {folder} was trained with defense {config.get('defense') if isinstance(config, dict) else None!r}; the reference must be an undefended ('none') run, whose model reads clean records")
     model = create_model(str(config.get("model")), tuple(input_shape), int(num_classes))
     state = load_weights(folder / "model.safetensors")
     with torch.no_grad():  # LazyLinear layers take their shape from one forward pass before the weights load
@@ -101,7 +102,7 @@ def load_reference(run: str, input_shape: tuple[int, ...], num_classes: int) -> 
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"distill_from: {folder}'s model does not fit records of shape {tuple(input_shape)} with {num_classes} classes ({err})") from err
+        raise ValueError(f"{option}: {folder}'s model does not fit records of shape {tuple(input_shape)} with {num_classes} classes ({err})") from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

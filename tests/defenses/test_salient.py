@@ -1,0 +1,116 @@
+"""select-salient: occlusion saliency credits what the model reads; keep maps take the top share; the selector,
+learnt from y alone through a reference, keeps the task's content and closes an independent secret."""
+
+import pytest
+import torch
+from torch import nn
+
+from veil.data.tasks import Split, Task
+from veil.defenses import create_defense
+from veil.defenses.salient import keep_maps, occlusion_saliency
+from veil.models import create_model
+from veil.training.loop import TrainConfig, fit
+
+
+class _LeftReader(nn.Module):
+    """Logits from the left half of a (1, 8, 8) record only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x[:, :, :, :4].flatten(1))
+
+
+def test_occlusion_credits_only_what_the_model_reads():
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    s = occlusion_saliency(_LeftReader(), x, patch=2, stride=2)
+    assert s.shape == (16, 1, 8, 8) and bool((s >= 0).all())
+    assert float(s[:, :, :, 4:].abs().max()) == 0.0  # the right half never changes the answer
+    assert float(s[:, :, :, :4].mean()) > 0.0
+
+
+def test_occlusion_refuses_bad_windows():
+    with pytest.raises(ValueError, match="patch"):
+        occlusion_saliency(_LeftReader(), torch.rand(2, 1, 8, 8), patch=9, stride=1)
+
+
+def test_keep_maps_take_the_top_share_of_each_record():
+    s = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4)
+    k = keep_maps(s, 0.25)
+    assert k.shape == s.shape and set(k.unique().tolist()) == {0.0, 1.0}
+    assert k.flatten(1).sum(1).tolist() == [4.0, 4.0]
+    assert bool((k[:, :, 3] == 1).all())  # the largest scores are the last row
+    assert keep_maps(torch.zeros(1, 1, 4, 4), 0.5).sum() == 0  # nothing the answer depends on: nothing kept
+    faint = torch.tensor([[[[1.0, 0.5, 1e-3, 1e-4]]]])
+    assert keep_maps(faint, 1.0).tolist() == [[[[1.0, 1.0, 0.0, 0.0]]]]  # under 1% of the record's top: not kept
+
+
+def _bars_and_secret(seed: int = 0) -> Task:
+    """Left half of a 16x16 record: a bar whose row says y (4 classes). Right half: a bar whose row is the
+    secret z, independent of y."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        y = torch.randint(0, 4, (n,), generator=gen)
+        z = torch.randint(0, 4, (n,), generator=gen)
+        x = torch.zeros(n, 1, 16, 16)
+        for i in range(n):
+            x[i, 0, 4 * int(y[i]) : 4 * int(y[i]) + 4, 1:7] = 1.0
+            x[i, 0, 4 * int(z[i]) : 4 * int(z[i]) + 4, 9:15] = 1.0
+        return Split(x, y, z)
+
+    return Task("bars", split(512), split(128), split(256), num_primary=4, num_secondary=4)
+
+
+def test_learns_from_y_alone_to_keep_the_task_and_close_the_secret():
+    torch.manual_seed(0)
+    task = _bars_and_secret()
+    d = create_defense("select-salient", input_shape=(1, 16, 16), num_classes=4, keep=0.3, reference_epochs=8, patch=4, stride=2, selector_epochs=30)
+    assert not d.uses_mask and not d.uses_secret and d.uses == "y"
+    model = create_model("cnn", (1, 16, 16), 4)
+    fit(d, model, task, TrainConfig(task="bars", defense="select-salient", epochs=3, batch_size=32, lr=2e-3), log=lambda s: None)
+    d.eval()
+    x = task.test.x
+    with torch.no_grad():
+        kept = d.kept(x)
+        m = d.encode(x)
+        acc = float((model(m).argmax(1) == task.test.y).float().mean())
+    task_ink, secret_ink = x[:, :, :, :8] > 0.5, x[:, :, :, 8:] > 0.5
+    assert float(kept[:, :, :, :8][task_ink].mean()) > 0.8, "the task's bar was closed"
+    assert float(kept[:, :, :, 8:][secret_ink].mean()) < 0.1, "the secret's bar was kept"
+    assert acc > 0.9  # the server still reads y from what is kept
+
+
+def test_selector_is_fixed_after_setup():
+    """The task's gradient never reaches the selector: the joint stage leaves it as setup trained it."""
+    torch.manual_seed(0)
+    task = _bars_and_secret()
+    d = create_defense("select-salient", input_shape=(1, 16, 16), num_classes=4, reference_epochs=1, selector_epochs=1)
+    after_setup: list[torch.Tensor] = []
+    setup = d.setup
+
+    def recording_setup(model, loader):
+        setup(model, loader)
+        after_setup.extend(p.detach().clone() for p in d.selector.parameters())
+
+    d.setup = recording_setup
+    model = create_model("cnn", (1, 16, 16), 4)
+    fit(d, model, task, TrainConfig(task="bars", defense="select-salient", epochs=2, batch_size=64), log=lambda s: None)
+    assert after_setup and all(torch.equal(a, b) for a, b in zip(after_setup, d.selector.parameters()))
+    assert not d.train().encode(task.train.x[:8]).requires_grad
+
+
+@pytest.mark.parametrize("bad", [{"keep": 0.0}, {"keep": 1.5}, {"keep": float("nan")}, {"fill": "paint"}, {"keep_box": 99},
+                                 {"saliency_from": ""}, {"reference_epochs": 0}, {"patch": -1}, {"lr_scale": 0}])
+def test_refuses_bad_options(bad):
+    with pytest.raises(ValueError):
+        create_defense("select-salient", input_shape=(1, 16, 16), num_classes=4, **bad)
+
+
+def test_saliency_from_must_be_a_finished_none_run(tmp_path):
+    d = create_defense("select-salient", input_shape=(1, 16, 16), num_classes=4, saliency_from=str(tmp_path))
+    with pytest.raises(ValueError, match="saliency_from"):
+        d.setup(create_model("cnn", (1, 16, 16), 4), [(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long))])
