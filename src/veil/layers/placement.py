@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from veil.layers.scnl import SCNLBase
+from veil.layers.scnl_base import SCNLBase
 
 MERGES = ("concat", "add")
 
