@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.defenses.saving import load_obfuscator, save_obfuscator
 from veil.detection.detector import create_detector, decode, detection_loss, encode_targets
 from veil.detection.metrics import mean_average_precision
 from veil.detection.scenes import Scenes, region_map
 from veil.detection.tasks import DetectionTask, is_detection_task, load_detection_task
-from veil.io import load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
+from veil.io import load_weights, read_json, save_weights, write_json
 from veil.noise import seed_everything
 
 LOCAL = "local"

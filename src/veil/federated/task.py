@@ -42,7 +42,7 @@ from torch import nn
 
 from veil.data.tasks import Split, Task, load_task
 from veil.defenses import Defense, create_defense, defense_class, with_knob
-from veil.io import load_obfuscator
+from veil.defenses.saving import load_obfuscator
 from veil.models import create_model
 from veil.noise import check_seed, seed_everything
 from veil.training.incremental import default_defense
