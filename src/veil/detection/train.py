@@ -282,7 +282,7 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
     next epoch draws from is restored (weights, Adam state, schedule step, data order, torch's random
     state), so a defense without training noise continues exactly as if never interrupted.
     """
-    from veil.training.loop import stage_epochs
+    from veil.training.loop import lr_factor, stage_epochs
 
     train = task.train
     regions = region_map(train, 0, len(train)).to(torch.uint8)
@@ -314,7 +314,7 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
                 defense.setup(model, _SceneBatches(train.images, regions, order, config.batch_size))
         opt = torch.optim.Adam(params, lr=config.lr)
         steps = epochs * math.ceil(len(train) / config.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("cosine", s, steps))  # classification's cosine, per step
         if first:  # mid-stage: Adam's moments and the learning rate it had reached, the schedule's position
             opt.load_state_dict(opt_state)
             sched.last_epoch = sched_step
