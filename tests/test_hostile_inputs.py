@@ -595,7 +595,7 @@ def test_random_values_in_config_json(field, value, finished_run, tmp_path_facto
 def test_random_obfuscator_metadata(key, value, finished_run, tmp_path_factory):
     """Any JSON (as text) in any metadata field of the obfuscator: export names the obfuscator file, unless
     the metadata rebuilds the very obfuscator that was saved."""
-    from veil.io import load_obfuscator
+    from veil.defenses.saving import load_obfuscator
 
     t = tmp_path_factory.mktemp("meta")
     shutil.copytree(finished_run, t / "run")

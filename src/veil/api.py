@@ -43,7 +43,7 @@ from torch.nn import functional as F
 from veil.data.tasks import Split, Task
 from veil.defenses import Defense, check_option_types, create_defense, defense_class, with_knob
 from veil.defenses.base import Stage
-from veil.io import load_obfuscator, save_obfuscator
+from veil.defenses.saving import load_obfuscator, save_obfuscator
 from veil.noise import seed_everything
 from veil.training.loop import OnDevice, _trainable, accuracy, module_device, stage_epochs
 from veil.training.run import obfuscate

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from veil.defenses import Defense, create_defense, defense_class, list_defenses
-from veil.io import load_obfuscator, save_obfuscator
+from veil.defenses.saving import load_obfuscator, save_obfuscator
 from veil.models import create_model
 from veil.training.loop import train_step
 

@@ -18,7 +18,7 @@ from veil.defenses.sample_and_hold import (
     sanitization_degree,
     sanitization_efficiency,
 )
-from veil.io import load_obfuscator, save_obfuscator
+from veil.defenses.saving import load_obfuscator, save_obfuscator
 from veil.models import create_model
 from veil.training.loop import TrainConfig, accuracy, fit, train_step
 

@@ -10,7 +10,7 @@ from sklearn.linear_model import LogisticRegression
 from veil.data.tasks import load_task
 from veil.defenses import create_defense
 from veil.defenses.svd import SVDBoundedObfuscation, SVDObfuscation, decov_penalty, theorem1
-from veil.io import load_obfuscator, save_obfuscator
+from veil.defenses.saving import load_obfuscator, save_obfuscator
 from veil.models import create_model
 from veil.training.loop import TrainConfig, accuracy, fit, train_step
 from veil.training.run import load_run, train_run

@@ -124,7 +124,7 @@ def test_an_attacker_below_the_floor_it_can_reach_is_flagged_under_trained(digit
     fair = attribute_attack(d, digits, cfg, **QUIET)["training"]
     assert fair["under_trained"] is False and fair["reachable_floor"] == pytest.approx(0.2, abs=0.03)
     # given y, any sound attacker reaches the primary-only floor (~0.2); one that ignores y stays at ~0.1
-    monkeypatch.setattr("veil.evaluation.attack.build_attacker", lambda name, shape, n, width=32, **k: IgnoresItsInput(n))
+    monkeypatch.setattr("veil.evaluation.attackers.build_attacker", lambda name, shape, n, width=32, **k: IgnoresItsInput(n))
     weak = attribute_attack(d, digits, cfg, **QUIET)["training"]
     assert weak["attack_acc"] < 0.11 and weak["under_trained"] is True
 

@@ -236,7 +236,7 @@ def test_the_global_obfuscator_is_the_average_of_what_the_clients_sent(tmp_path,
     """Federated obfuscator training: every client sends its obfuscator beside its model, and the saved
     global obfuscator is their FedAvg (the mean weighted by the clients' record counts), computed here
     from the replies the clients built."""
-    from veil.io import load_obfuscator
+    from veil.defenses.saving import load_obfuscator
 
     sent: list[tuple[dict, int]] = []
     original = client_app.pack

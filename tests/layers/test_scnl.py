@@ -17,7 +17,7 @@ from veil.layers import (
     SoftSelection,
     hard_selection,
 )
-from veil.layers.scnl import scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
 
 C = 4
 B = 6

@@ -35,6 +35,19 @@ def _bbox(img: np.ndarray) -> tuple[int, int, int, int]:
     return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
 
 
+def _canvas(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray, np.ndarray]:
+    """Check the shapes; the seeded generator, empty records (N, 1, CANVAS, CANVAS) float32 and masks
+    (N, 1, CANVAS, CANVAS) uint8, and each object's top-left corner on the canvas (N, 2), drawn first."""
+    if objects.shape[1:] != (OBJECT, OBJECT) or tags.shape[1:] != (TAG, TAG) or len(objects) != len(tags):
+        raise ValueError(f"objects must be (N, {OBJECT}, {OBJECT}) and tags (N, {TAG}, {TAG}), got {objects.shape} and {tags.shape}")
+    rng = np.random.default_rng(seed)
+    n = len(objects)
+    x = np.zeros((n, 1, CANVAS, CANVAS), np.float32)
+    mask = np.zeros((n, 1, CANVAS, CANVAS), np.uint8)
+    obj_pos = rng.integers(0, CANVAS - OBJECT + 1, size=(n, 2))
+    return rng, x, mask, obj_pos
+
+
 def paste_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Compose records: each object at a random offset, each tag where it overlaps the object least.
 
@@ -47,13 +60,8 @@ def paste_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.nda
         x (N, 1, CANVAS, CANVAS) float32 (pixel-wise max of object and tag) and the tag masks
         (N, 1, CANVAS, CANVAS) uint8: 1 on the tag's box.
     """
-    if objects.shape[1:] != (OBJECT, OBJECT) or tags.shape[1:] != (TAG, TAG) or len(objects) != len(tags):
-        raise ValueError(f"objects must be (N, {OBJECT}, {OBJECT}) and tags (N, {TAG}, {TAG}), got {objects.shape} and {tags.shape}")
-    rng = np.random.default_rng(seed)
+    rng, x, mask, obj_pos = _canvas(objects, tags, seed)
     n = len(objects)
-    x = np.zeros((n, 1, CANVAS, CANVAS), np.float32)
-    mask = np.zeros((n, 1, CANVAS, CANVAS), np.uint8)
-    obj_pos = rng.integers(0, CANVAS - OBJECT + 1, size=(n, 2))
     tag_pos = rng.integers(0, CANVAS - TAG + 1, size=(n, TRIES, 2))
     for i in range(n):
         r, c = obj_pos[i]
@@ -93,13 +101,8 @@ def overlay_tags(objects: np.ndarray, tags: np.ndarray, seed: int) -> tuple[np.n
         x (N, 1, CANVAS, CANVAS) float32 in [0, 1] and the tag masks (N, 1, CANVAS, CANVAS) uint8: 1 on the
         tag's box.
     """
-    if objects.shape[1:] != (OBJECT, OBJECT) or tags.shape[1:] != (TAG, TAG) or len(objects) != len(tags):
-        raise ValueError(f"objects must be (N, {OBJECT}, {OBJECT}) and tags (N, {TAG}, {TAG}), got {objects.shape} and {tags.shape}")
-    rng = np.random.default_rng(seed)
+    rng, x, mask, obj_pos = _canvas(objects, tags, seed)
     n = len(objects)
-    x = np.zeros((n, 1, CANVAS, CANVAS), np.float32)
-    mask = np.zeros((n, 1, CANVAS, CANVAS), np.uint8)
-    obj_pos = rng.integers(0, CANVAS - OBJECT + 1, size=(n, 2))
     u = rng.random((n, 2))  # where inside the object's box, as a fraction of the room there
     halo = _grow(tags)
     for i in range(n):

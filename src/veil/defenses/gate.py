@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.layers.gates import SecretAdversary, hard_concrete_mean, hard_concrete_sample, open_probability, reverse_gradient
-from veil.layers.scnl import scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection
 
 

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from torch import nn
 
 from veil.defenses.base import Defense, Stage
-from veil.layers.scnl import scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import AdaptiveSelection
 
 #: The on-device architectures ``local`` offers (``arch``).

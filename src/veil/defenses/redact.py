@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
-from veil.layers.scnl import scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection, best_box, check_region_mask, train_pixel_selector
 
 FILLS = ("zero", "noise", "blur")

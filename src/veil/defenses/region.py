@@ -37,7 +37,8 @@ import torch
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
-from veil.layers.scnl import SCNLAdditive, scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
+from veil.layers.scnl import SCNLAdditive
 from veil.layers.selection import PixelSelection, best_box, check_region_mask, train_pixel_selector
 
 REGIONS = 2  # content, sensitive

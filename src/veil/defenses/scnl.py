@@ -52,7 +52,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
-from veil.layers.scnl import INCARNATIONS, SCNLAdditive, SCNLBase, SCNLConv2d, SCNLLinear, scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
+from veil.layers.scnl import INCARNATIONS, SCNLAdditive, SCNLBase, SCNLConv2d, SCNLLinear
 from veil.layers.distributions import list_distributions
 from veil.layers.selection import AdaptiveSelection, SoftSelection
 
@@ -99,7 +100,7 @@ class SCNLDefense(Defense):
         trials: Number of trials of binomial/multinomial.
         soft_share: Share of the epochs given to the ``soft`` stage in two-stage training.
         lr_scale: The client-side layers learn this many times faster than the server model
-            (:func:`veil.layers.scnl.scale_learning_rate`), so that they converge within a few epochs.
+            (:func:`veil.layers.learning_rate.scale_learning_rate`), so that they converge within a few epochs.
         sharpen: At inference (eval mode, no label) replace the adaptive selector's pi(x) by the one-hot
             of its argmax, so the output reveals the predicted class but not the selector's confidence.
         init_gain: Initial content gain of the additive layer (1: the content channel starts open and

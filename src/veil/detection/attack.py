@@ -87,7 +87,7 @@ class ObjectAttackConfig:
         self.attack_config()  # validates attackers, epochs, views, width
 
     def attack_config(self):
-        from veil.evaluation.attack import AttackConfig
+        from veil.evaluation.attack_config import AttackConfig
 
         return AttackConfig(attackers=tuple(self.attackers), epochs=self.epochs, patience=self.patience, lr=self.lr, batch_size=self.batch_size,
                             width=self.width, views=self.views, averaging_k=self.averaging_k, seed=self.seed)
@@ -127,7 +127,7 @@ def object_attack(defense: nn.Module | None, task: DetectionTask, config: Object
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the attackers on object crops of obfuscated held-out scenes; score the best (by validation
     accuracy) on the test scenes' objects. ``k`` > 1: the averaging attack."""
-    from veil.evaluation.attack import train_attacker
+    from veil.evaluation.attacker_training import train_attacker
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     tr = _attack_scenes(task, config)
@@ -159,7 +159,7 @@ def reconstruction(defense: nn.Module | None, task: DetectionTask, config: Objec
     """A decoder from inference messages back to scenes (held-out scenes, views cycled, early-stopped on
     validation MSE); PSNR/SSIM on the test scenes against the mean-scene baseline. Returns the record and
     the test reconstructions."""
-    from veil.evaluation.attack import Standardize
+    from veil.evaluation.attackers import Standardize
     from veil.evaluation.reconstruction import build_decoder, image_scores
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))

@@ -19,7 +19,7 @@ with a kernel set per region, produces the message::
   ``sharpen`` each pixel takes its argmax region at inference, so the selector's confidence is not sent.
 
 Per-pixel hard selection computes only the kernel sets of the regions present in a record
-(:func:`veil.layers.scnl.mask_slots`): its cost is flat in the number of classes.
+(:func:`veil.layers.selection.mask_slots`): its cost is flat in the number of classes.
 
 Knob ``lambda_`` (larger = more private): ``lambda_ · mean KL(q(h|x) || N(0, 1))`` over the message, as in
 classification. Given record labels ``y`` without a mask (a classification batch), the whole record is the
@@ -35,7 +35,8 @@ import torch
 from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
-from veil.layers.scnl import SCNLConv2d, scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
+from veil.layers.scnl import SCNLConv2d
 from veil.layers.selection import PixelSelection, train_pixel_selector
 
 

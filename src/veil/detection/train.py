@@ -34,11 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.defenses.saving import load_obfuscator, save_obfuscator
 from veil.detection.detector import create_detector, decode, detection_loss, encode_targets
 from veil.detection.metrics import mean_average_precision
 from veil.detection.scenes import Scenes, region_map
 from veil.detection.tasks import DetectionTask, is_detection_task, load_detection_task
-from veil.io import load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
+from veil.io import load_weights, read_json, save_weights, write_json
 from veil.noise import seed_everything
 
 LOCAL = "local"
@@ -281,7 +282,7 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
     next epoch draws from is restored (weights, Adam state, schedule step, data order, torch's random
     state), so a defense without training noise continues exactly as if never interrupted.
     """
-    from veil.training.loop import stage_epochs
+    from veil.training.loop import lr_factor, stage_epochs
 
     train = task.train
     regions = region_map(train, 0, len(train)).to(torch.uint8)
@@ -313,7 +314,7 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
                 defense.setup(model, _SceneBatches(train.images, regions, order, config.batch_size))
         opt = torch.optim.Adam(params, lr=config.lr)
         steps = epochs * math.ceil(len(train) / config.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("cosine", s, steps))  # classification's cosine, per step
         if first:  # mid-stage: Adam's moments and the learning rate it had reached, the schedule's position
             opt.load_state_dict(opt_state)
             sched.last_epoch = sched_step

@@ -37,7 +37,7 @@ import torch
 
 from veil.data.tasks import Task
 from veil.defenses.base import Defense
-from veil.evaluation.attack import _subset
+from veil.evaluation.attack_data import _subset
 
 #: Relative eigenvalue below which a direction of the record is taken as carrying no information.
 SINGULAR_RTOL = 1e-9
@@ -110,7 +110,7 @@ def fisher_bound(defense: Defense, task: Task, config: FisherConfig | None = Non
 
     config = config or FisherConfig()
     if message_model(defense) != "gaussian-likelihood":
-        from veil.evaluation.attack import is_deterministic
+        from veil.evaluation.attack_data import is_deterministic
 
         det = is_deterministic(defense, task.val.x[:4])
         reason = ("the message is a deterministic function of the record: no noise, no bound above 0" if det

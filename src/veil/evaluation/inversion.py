@@ -45,7 +45,7 @@ import torch
 
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense
-from veil.evaluation.attack import _encode, _subset, attacker_splits, is_deterministic
+from veil.evaluation.attack_data import _encode, _subset, attacker_splits, is_deterministic
 from veil.evaluation.reconstruction import image_scores
 from veil.noise import seed_everything
 

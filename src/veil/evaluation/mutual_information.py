@@ -28,7 +28,7 @@ from scipy.special import digamma
 
 from veil.data.tasks import Task
 from veil.defenses.base import Defense
-from veil.evaluation.attack import _messages, _subset
+from veil.evaluation.attack_data import _messages, _subset
 from veil.noise import seed_everything
 from veil.training.run import EXPOSURES
 

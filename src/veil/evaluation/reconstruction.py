@@ -28,7 +28,8 @@ from torch.nn import functional as F
 
 from veil.data.tasks import Task
 from veil.defenses.base import Defense
-from veil.evaluation.attack import Standardize, _messages, _subset, attacker_splits
+from veil.evaluation.attack_data import _messages, _subset, attacker_splits
+from veil.evaluation.attackers import Standardize
 from veil.noise import seed_everything
 from veil.training.run import EXPOSURES
 

@@ -17,7 +17,10 @@ from typing import Any, Callable
 import torch
 
 from veil.data.tasks import Task
-from veil.evaluation.attack import AttackConfig, AttackerModel, _accuracy, attacker_splits, train_attacker
+from veil.evaluation.attack_config import AttackConfig
+from veil.evaluation.attack_data import attacker_splits
+from veil.evaluation.attacker_training import _accuracy, train_attacker
+from veil.evaluation.attackers import AttackerModel
 
 
 @dataclasses.dataclass

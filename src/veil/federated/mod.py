@@ -38,7 +38,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from veil.defenses import Defense
-from veil.io import load_obfuscator
+from veil.defenses.saving import load_obfuscator
 from veil.training.run import obfuscate
 
 EXPOSURES = ("inference", "training")

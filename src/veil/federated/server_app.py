@@ -19,8 +19,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp import strategy as strategies
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from veil.defenses.saving import save_obfuscator
 from veil.federated.task import FederatedConfig, aggregates_obfuscator, global_obfuscator, initial_state, unpack
-from veil.io import load_weights, read_json, save_obfuscator, save_weights, write_json
+from veil.io import load_weights, read_json, save_weights, write_json
 from veil.training.run import open_run_folder
 
 

@@ -42,11 +42,11 @@ from torch import nn
 
 from veil.data.tasks import Split, Task, load_task
 from veil.defenses import Defense, create_defense, defense_class, with_knob
-from veil.io import load_obfuscator
+from veil.defenses.saving import load_obfuscator
 from veil.models import create_model
 from veil.noise import check_seed, seed_everything
 from veil.training.incremental import default_defense
-from veil.training.loop import MAX_EPOCHS, Messages, TrainConfig, fit, model_accuracy
+from veil.training.loop import MAX_EPOCHS, Messages, TrainConfig, config_from_dict, fit, model_accuracy
 from veil.training.run import obfuscate
 from veil.training.screening import SCREEN_MODES, Screening
 
@@ -172,10 +172,7 @@ class FederatedConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FederatedConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - names:
-            raise ValueError(f"unknown federated config keys {sorted(set(d) - names)}; valid: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "federated config")
 
     @classmethod
     def from_json(cls, text: str) -> "FederatedConfig":

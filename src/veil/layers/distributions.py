@@ -77,16 +77,22 @@ class Distribution(abc.ABC):
         return F.softplus(raw) + self.min_scale
 
 
-class Gaussian(Distribution):
-    """h = mu + sigma * eps, eps ~ N(0, 1) (Eq. 7 of seed 000). Prior N(0, 1):
-    KL = 0.5 (mu^2 + sigma^2 - 1) - log sigma."""
+class _LocationScale(Distribution):
+    """Two raw maps: a bounded location and a positive scale."""
 
-    name = "gaussian"
     num_params = 2
 
     def constrain(self, raw):
         loc, scale = self.split(raw)
         return self._loc(loc), self._scale(scale)
+
+
+class Gaussian(_LocationScale):
+    """h = mu + sigma * eps, eps ~ N(0, 1) (Eq. 7 of seed 000). Prior N(0, 1):
+    KL = 0.5 (mu^2 + sigma^2 - 1) - log sigma."""
+
+    name = "gaussian"
+    num_params = 2
 
     def rsample(self, params):
         loc, scale = params
@@ -97,16 +103,12 @@ class Gaussian(Distribution):
         return 0.5 * (loc.square() + scale.square() - 1.0) - torch.log(scale)
 
 
-class Laplace(Distribution):
+class Laplace(_LocationScale):
     """h = mu + b * l, l ~ Laplace(0, 1). Prior Laplace(0, 1):
     KL = -log b + |mu| + b exp(-|mu| / b) - 1."""
 
     name = "laplace"
     num_params = 2
-
-    def constrain(self, raw):
-        loc, scale = self.split(raw)
-        return self._loc(loc), self._scale(scale)
 
     def rsample(self, params):
         loc, scale = params

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from veil.layers.scnl import SCNLBase
+from veil.layers.scnl_base import SCNLBase
 
 MERGES = ("concat", "add")
 
@@ -51,27 +51,25 @@ class OnInput(nn.Module):
         return self.scnl(self.pre(x), labels, pi=pi)
 
 
-class MergeBefore(nn.Module):
-    """Embodiment 2: ``S_L(merge(N1(x), L(x)))``; the result goes on to N2."""
+class _Merge(nn.Module):
+    """What the merging embodiments hold: the network ``n1``, the SCNL, the ``pre`` part and the merge."""
 
     def __init__(self, n1: nn.Module, scnl: SCNLBase, pre: nn.Module | None = None, *, how: str = "concat") -> None:
         super().__init__()
         if how not in MERGES:
             raise ValueError(f"unknown merge {how!r}; valid: {', '.join(MERGES)}")
         self.n1, self.pre, self.scnl, self.how = n1, _identity_if_none(pre), scnl, how
+
+
+class MergeBefore(_Merge):
+    """Embodiment 2: ``S_L(merge(N1(x), L(x)))``; the result goes on to N2."""
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, pi: torch.Tensor | None = None) -> torch.Tensor:
         return self.scnl(merge(self.n1(x), self.pre(x), self.how), labels, pi=pi)
 
 
-class MergeAfter(nn.Module):
+class MergeAfter(_Merge):
     """Embodiment 3: ``merge(N1(x), S_L(L(x)))``; the result goes on to N2."""
-
-    def __init__(self, n1: nn.Module, scnl: SCNLBase, pre: nn.Module | None = None, *, how: str = "concat") -> None:
-        super().__init__()
-        if how not in MERGES:
-            raise ValueError(f"unknown merge {how!r}; valid: {', '.join(MERGES)}")
-        self.n1, self.pre, self.scnl, self.how = n1, _identity_if_none(pre), scnl, how
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, pi: torch.Tensor | None = None) -> torch.Tensor:
         return merge(self.n1(x), self.scnl(self.pre(x), labels, pi=pi), self.how)

@@ -51,6 +51,43 @@ def check_mask(mask: torch.Tensor, num_classes: int, batch: int, spatial: tuple[
     return m
 
 
+def mask_slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes present in each record of a region mask (B, C, *S) and their masks.
+
+    Returns slots (B, K) int64, K = the most classes present in one record (at least 1; records with
+    fewer are padded with absent classes, whose mask is 0 and so contributes nothing), and their masks
+    (B, K, *S). Per-pixel hard selection then costs K kernel sets per record, flat in C.
+    """
+    present = mask.flatten(2).amax(2) > 0  # (B, C)
+    k = max(1, int(present.sum(1).max())) if mask.shape[0] else 1
+    slots = torch.sort(present.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    pi = mask.gather(1, slots.reshape(*slots.shape, *([1] * (mask.dim() - 2))).expand(-1, -1, *mask.shape[2:]))
+    return slots, pi
+
+
+def check_region_map(regions: torch.Tensor, num_classes: int, batch: int, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Validate a region map (B, *spatial) of class indices in [0, C); return it as int64."""
+    want = (batch, *spatial)
+    if tuple(regions.shape) != want:
+        raise ValueError(f"region map must have shape {want} (B, *spatial of the input), got {tuple(regions.shape)}")
+    r = regions.long()
+    if r.numel() and (int(r.min()) < 0 or int(r.max()) >= num_classes):
+        raise ValueError(f"region map values must lie in [0, {num_classes - 1}], got range [{int(r.min())}, {int(r.max())}]")
+    return r
+
+
+def region_slots(regions: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mask_slots` for a region map (B, *S) of class indices: the work is O(K * S) per record,
+    never O(C * S) (no one-hot mask of all C classes is built)."""
+    b = regions.shape[0]
+    present = torch.zeros(b, num_classes, dtype=torch.int8, device=regions.device)
+    present.scatter_(1, regions.reshape(b, -1), 1)
+    k = max(1, int(present.sum(1).max())) if b else 1
+    slots = torch.sort(present, dim=1, descending=True, stable=True).indices[:, :k]
+    pi = regions.unsqueeze(1) == slots.reshape(b, k, *([1] * (regions.dim() - 1)))  # (B, K, *S)
+    return slots, pi
+
+
 class SoftSelection(nn.Module):
     """C trainable selection tensors ``pi_c = sigmoid(w_c)`` in [0, 1] (seed §2.1.1 "soft selection layer").
 

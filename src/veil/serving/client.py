@@ -43,7 +43,7 @@ class ServiceError(RuntimeError):
 def load_client_obfuscator(run_or_obfuscator: str | Path | Defense) -> Defense:
     """The client's defense: a :class:`Defense`, an ``obfuscator.safetensors`` file or a run folder
     (of which only ``obfuscator.safetensors`` is read)."""
-    from veil.io import load_obfuscator
+    from veil.defenses.saving import load_obfuscator
 
     if isinstance(run_or_obfuscator, Defense):
         return run_or_obfuscator.eval()

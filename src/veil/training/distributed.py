@@ -47,7 +47,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from veil.data.tasks import Split
-from veil.io import save_obfuscator, save_weights, write_json
+from veil.defenses.saving import save_obfuscator
+from veil.io import save_weights, write_json
 from veil.training.loop import DEFAULT_DEVICE, TrainConfig, fit, resolve_device
 from veil.training.run import CHECKPOINT, build, check_output_folder, client_cost, evaluate_primary, load_checkpoint, open_run_folder, save_checkpoint
 

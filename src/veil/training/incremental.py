@@ -40,10 +40,11 @@ from torch.nn import functional as F
 
 from veil.data.tasks import Split, Task, load_task
 from veil.defenses import Defense, create_defense, defense_class, list_defenses, with_knob
-from veil.io import atomic_path, load_obfuscator, load_weights, read_json, save_obfuscator, save_weights, write_json
+from veil.defenses.saving import load_obfuscator, save_obfuscator
+from veil.io import atomic_path, load_weights, read_json, save_weights, write_json
 from veil.models import create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, check_seed, seed_everything
-from veil.training.loop import MAX_EPOCHS, Messages, TrainConfig, fit, model_accuracy
+from veil.training.loop import MAX_EPOCHS, Messages, TrainConfig, config_from_dict, fit, model_accuracy
 from veil.training.run import check_output_folder, obfuscate, open_run_folder
 from veil.training.screening import SCREEN_MODES, Screening
 
@@ -182,10 +183,7 @@ class IncrementalConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "IncrementalConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(d) - names:
-            raise ValueError(f"unknown config keys {sorted(set(d) - names)}; valid: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # ----------------------------------------------------------------------------------------- the run

@@ -150,11 +150,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
+
+
+def config_from_dict(cls: type, d: dict[str, Any], what: str = "config") -> Any:
+    """``cls(**d)`` for a dataclass config, refusing keys that are none of its fields (``what`` names the
+    config in the message)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {what} keys {sorted(unknown)}; valid: {sorted(names)}")
+    return cls(**d)
 
 
 def stage_epochs(stages: list[Stage], epochs: int) -> list[int]:

@@ -27,7 +27,8 @@ from torch import nn
 from veil.data.readers import fingerprint
 from veil.data.tasks import Task, load_task
 from veil.defenses import Defense, create_defense, with_knob
-from veil.io import load_obfuscator, load_weights, read_json, save_npz, save_obfuscator, save_weights, write_json
+from veil.defenses.saving import load_obfuscator, save_obfuscator
+from veil.io import load_weights, read_json, save_npz, save_weights, write_json
 from veil.models import count_flops, count_parameters, create_model
 from veil.noise import OS_ENTROPY, REPRODUCIBLE, private_noise, seed_everything
 from veil.training.loop import DEFAULT_DEVICE, TrainConfig, accuracy, fit, module_device, resolve_device, training_state
