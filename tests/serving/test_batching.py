@@ -106,3 +106,40 @@ def test_a_failing_request_does_not_fail_its_batch_mates():
     assert passes[0] == 6  # they did share a pass first
     assert isinstance(out[1], ValueError)
     assert torch.equal(out[0], torch.full((2,), 4.0)) and torch.equal(out[2], torch.full((3,), 8.0))
+
+
+def test_joining_requests_never_overfill_a_pass():
+    """Three-record requests under a four-record cap: each waits for the next pass instead of making a
+    pass of six; all get their own rows."""
+    passes: list[int] = []
+    requests = [torch.full((3, 1, 2, 2), float(i)) for i in range(3)]
+    out = _run(_row_sums(passes), requests, busy=lambda: 3, max_records=4)
+    assert passes == [3, 3, 3]
+    for i, got in enumerate(out):
+        assert torch.equal(got, torch.full((3,), 4.0 * i))
+
+
+def test_passes_with_others_in_flight_are_offloaded_a_lone_one_is_not():
+    """``offload`` (the worker thread in the service) runs a pass while other requests are held; a lone
+    request runs ``forward`` on the loop. The answers are the same either way."""
+    where: list[str] = []
+    sums = _row_sums([])
+
+    def make(name):
+        async def run(batch):
+            where.append(name)
+            return sums(batch)
+
+        return run
+
+    async def main(held):
+        batcher = DynamicBatcher(make("loop"), max_records=256, max_delay_s=0.0, busy=lambda: held, offload=make("thread"))
+        batcher.start()
+        try:
+            return await batcher.submit(torch.ones(2, 1, 2, 2))
+        finally:
+            await batcher.stop()
+
+    assert torch.equal(asyncio.run(main(1)), torch.full((2,), 4.0)) and where == ["loop"]
+    where.clear()
+    assert torch.equal(asyncio.run(main(5)), torch.full((2,), 4.0)) and where == ["thread"]

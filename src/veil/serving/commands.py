@@ -36,7 +36,7 @@ def serve_cmd(
     keep_alive: float = typer.Option(5.0, "--keep-alive", help="Seconds an idle kept-alive connection stays open."),
     compute_timeout: float = typer.Option(30.0, "--compute-timeout", help="Seconds a request may wait for its forward pass (503 beyond)."),
     model_name: str = typer.Option("veil", "--model-name", help="The model's name on the Open Inference Protocol: /v2/models/NAME/infer."),
-    forward_thread: bool = typer.Option(False, "--forward-thread", help="Run forward passes in a worker thread so the server keeps answering during long passes (heavy models); default: on the event loop (lower latency for small models)."),
+    forward_thread: bool = typer.Option(False, "--forward-thread", help="Run every forward pass in a worker thread so the server keeps answering during long passes (heavy models); default: a lone request on the event loop (no thread hop), a pass while others are in flight in the worker thread (they queue meanwhile)."),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (@serve.batch batching, /v1/predict, /v2/models/NAME/infer and /health) instead of one uvicorn process."),
     replicas: int = typer.Option(1, "--replicas", min=1, help="With --ray: replicas of the server side, each a Ray actor."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="With --ray: a running Ray cluster (default: start Ray on this machine)."),
