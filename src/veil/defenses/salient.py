@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from veil.defenses.base import Defense, Stage
 from veil.defenses.local import load_reference
 from veil.defenses.redact import FILLS, redact
-from veil.layers.scnl import scale_learning_rate
+from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection, best_box, train_pixel_selector
 
 #: A pixel scoring under this share of its record's highest occlusion score is never kept.
