@@ -1,4 +1,4 @@
-"""Gate statistics of a trained scnl-gate run on a task with masks (share of pixels open on the tag box, its ink,
+"""Gate statistics of a trained scnl-gate or select-salient run (its keep map) on a task with masks (share of pixels open on the tag box, its ink,
 the object's ink, the background) and a PNG of records, gates and messages: python benchmarks/maskfree_gates.py RUN [OUT.png [TITLE]]."""
 import sys, torch
 from veil.training.run import load_run
@@ -8,7 +8,7 @@ s = task.test
 x, m = s.x[:1000], s.mask[:1000].bool()
 d.eval()
 with torch.no_grad():
-    g, _ = d.gates(x)
+    g = d.kept(x) if hasattr(d, "kept") else d.gates(x)[0]  # select-salient's keep map, or scnl-gate's gates
     h = d.encode(x)
 g = g > 0.5
 ink = x > 0.3
