@@ -24,7 +24,7 @@ if len(sys.argv) > 2:
     for i in range(n):
         for r, (img, t) in enumerate(((x[i, 0], f"y{int(s.y[i])} z{int(s.z[i])}"), (g[i, 0].float(), "gate"), (h[i, 0], "message"))):
             ax[r, i].imshow(img, cmap="gray"); ax[r, i].set_xticks([]); ax[r, i].set_yticks([])
-            if i == 0: ax[r, i].set_ylabel(["record", "gate (white: open)", "message"][r])
+            if i == 0: ax[r, i].set_ylabel(["record", "open / kept (white)", "message"][r])
         ax[0, i].set_title(f"y{int(s.y[i])} z{int(s.z[i])}", fontsize=8)
     f.suptitle(sys.argv[3] if len(sys.argv) > 3 else sys.argv[1], fontsize=9)
     plt.tight_layout(); plt.savefig(sys.argv[2], dpi=80)

@@ -58,6 +58,21 @@ def grow_region(region: torch.Tensor, pixels: int) -> torch.Tensor:
     return F.max_pool2d(region, 2 * pixels + 1, stride=1, padding=pixels)
 
 
+class FillsRegion:
+    """What the defenses that replace part of the record share: no noise unless ``fill="noise"``, and a
+    config that is the validated ``options``."""
+
+    options: dict[str, Any]
+
+    @property
+    def deterministic(self) -> bool:
+        """No noise unless ``fill="noise"``: the message is a function of the record."""
+        return self.options["fill"] != "noise"
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.options)
+
+
 def _check_options(fill: Any, grow: Any, box: Any, input_shape: tuple[int, ...]) -> None:
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
@@ -68,7 +83,7 @@ def _check_options(fill: Any, grow: Any, box: Any, input_shape: tuple[int, ...])
         raise ValueError(f"box must be an integer in [0, {side}] (0: per-pixel), got {box!r}")
 
 
-class Redaction(Defense):
+class Redaction(FillsRegion, Defense):
     """Redaction: a client locator trained on the region masks finds the sensitive region; it is blanked.
 
     Client (``encode``): region logits = locator(x) (B, 2, H, W); r = argmax per pixel (or the best box of
@@ -117,14 +132,6 @@ class Redaction(Defense):
         self.locator = scale_learning_rate(PixelSelection(self.input_shape[0], 2, int(locator_width)), float(lr_scale))
         self._last_penalty: torch.Tensor | None = None
 
-    @property
-    def deterministic(self) -> bool:
-        """No noise unless ``fill="noise"``: the message is a function of the record."""
-        return self.options["fill"] != "noise"
-
-    def config(self) -> dict[str, Any]:
-        return dict(self.options)
-
     def stages(self) -> list[Stage]:
         """One joint stage in which the region masks reach ``encode`` (they train the locator)."""
         return [Stage("joint", use_labels=True)]
@@ -162,7 +169,7 @@ class Redaction(Defense):
         return self._last_penalty
 
 
-class OracleRedaction(Defense):
+class OracleRedaction(FillsRegion, Defense):
     """Redaction of the *true* sensitive region at every exposure: the bound row (no client network).
 
     ``encode(x, mask=...)`` -> ``redact(x, grow(mask), fill)``. Not deployable (the client does not know the
@@ -178,14 +185,6 @@ class OracleRedaction(Defense):
         super().__init__(input_shape=input_shape, num_classes=num_classes)
         _check_options(fill, grow, 0, self.input_shape)
         self.options = dict(fill=fill, grow=int(grow))
-
-    @property
-    def deterministic(self) -> bool:
-        """No noise unless ``fill="noise"``."""
-        return self.options["fill"] != "noise"
-
-    def config(self) -> dict[str, Any]:
-        return dict(self.options)
 
     def stages(self) -> list[Stage]:
         return [Stage("joint", use_labels=True)]

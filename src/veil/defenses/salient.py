@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from veil.defenses.base import Defense, Stage
 from veil.defenses.local import load_reference
-from veil.defenses.redact import FILLS, redact
+from veil.defenses.redact import FILLS, FillsRegion, redact
 from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection, best_box, train_pixel_selector
 
@@ -114,7 +114,7 @@ def train_reference(model: nn.Module, batches: Any, epochs: int, lr: float = 1e-
     return ref
 
 
-class SalientSelection(Defense):
+class SalientSelection(FillsRegion, Defense):
     """Keep the pixels a reference server's answer depends on; close the rest. Learns from y alone.
 
     Args:
@@ -178,14 +178,6 @@ class SalientSelection(Defense):
             selector_epochs=int(selector_epochs), lr_scale=float(lr_scale),
         )
         self.selector = scale_learning_rate(PixelSelection(self.input_shape[0], 2, int(selector_width)), float(lr_scale))
-
-    @property
-    def deterministic(self) -> bool:
-        """No noise unless ``fill="noise"``: the message is a function of the record."""
-        return self.options["fill"] != "noise"
-
-    def config(self) -> dict[str, Any]:
-        return dict(self.options)
 
     def stages(self) -> list[Stage]:
         """One joint stage; the selector learnt its maps in ``setup`` and stays fixed (no task gradient)."""
