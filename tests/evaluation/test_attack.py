@@ -289,3 +289,33 @@ def test_messages_of_different_widths_are_padded_to_a_common_width():
     assert torch.equal(out[1][:, :89], b) and float(out[1][:, 89:].abs().sum()) == 0  # not sent reads as 0
     images = [torch.ones(2, 1, 4, 4), torch.ones(3, 1, 4, 4)]
     assert all(x is y for x, y in zip(common_width(*images), images))
+
+
+def test_attacker_never_stops_before_min_epochs_and_flags_a_cap_hit_while_improving():
+    """Early stopping inside an attacker's first plateau is a false privacy claim: min_epochs holds it off."""
+    from veil.evaluation.attack import AttackConfig, train_attacker
+
+    gen = torch.Generator().manual_seed(0)
+    noise, z = torch.randn(200, 1, 8, 8, generator=gen), torch.randint(0, 4, (200,), generator=gen)  # nothing to learn
+    runs = {}
+    for min_epochs in (0, 7):
+        cfg = AttackConfig(attackers=("linear",), epochs=9, patience=1, min_epochs=min_epochs, views=1, averaging_k=0)
+        _, rec = train_attacker("linear", [noise[:150]], z[:150], noise[150:], z[150:], 4, cfg, log=lambda s: None)
+        runs[min_epochs] = rec
+    assert runs[0]["epochs_run"] < 7 <= runs[7]["epochs_run"]
+    # a learnable secret and a cap of 2 epochs: the best epoch is the last one, so the report says "still improving"
+    z2 = torch.randint(0, 4, (2000,), generator=gen)
+    x = torch.randn(2000, 1, 8, 8, generator=gen)
+    x[torch.arange(2000), 0, z2, 0] += 1.0  # a faint signal: a slow learner still gains in its second epoch
+    cfg = AttackConfig(attackers=("linear",), epochs=2, lr=1e-4, batch_size=256, views=1, averaging_k=0)
+    _, rec = train_attacker("linear", [x[:1500]], z2[:1500], x[1500:], z2[1500:], 4, cfg, log=lambda s: None)
+    assert rec["best_epoch"] == rec["epochs_run"] == 2 and rec["still_improving"] is True
+    assert runs[7]["still_improving"] is False
+
+
+@pytest.mark.parametrize("bad", [-1, 10_001, 2.5, True])
+def test_min_epochs_refuses_bad_values(bad):
+    from veil.evaluation.attack import AttackConfig
+
+    with pytest.raises(ValueError, match="min_epochs"):
+        AttackConfig(min_epochs=bad)

@@ -96,12 +96,15 @@ def train_attacker(
             if stall == max(1, config.patience // 2):
                 for g in opt.param_groups:
                     g["lr"] *= 0.5
-            if stall >= config.patience:
+            if stall >= config.patience and epoch >= config.min_epochs:
                 break
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    # best at the last allowed epoch: the attacker was still learning, so its accuracy is a lower bound
+    still_improving = best_epoch == epoch == config.epochs and config.epochs > 1
     rec = {"val_acc": best_acc, "best_epoch": best_epoch, "epochs_run": epoch, "seconds": round(time.time() - t0, 2),
-           "parameters": sum(p.numel() for p in params), "device": str(device)}
-    log(f"  attacker {name}: val acc {best_acc:.4f} (best epoch {best_epoch}/{epoch}, {rec['seconds']}s)")
+           "parameters": sum(p.numel() for p in params), "device": str(device), "still_improving": still_improving}
+    log(f"  attacker {name}: val acc {best_acc:.4f} (best epoch {best_epoch}/{epoch}, {rec['seconds']}s)"
+        + ("; still improving at the epoch cap: a lower bound, give it more epochs" if still_improving else ""))
     return model, rec

@@ -23,6 +23,7 @@ from veil.evaluation.reconstruction import ReconstructionConfig
 # shared option declarations; every default is read from the config dataclasses (written once, there)
 _ATTACK_EPOCHS = config_option(AttackConfig, "epochs", "--attack-epochs", min=1, help="Most epochs per attacker (early stopping on obfuscated validation records).")
 _PATIENCE = config_option(AttackConfig, "patience", "--patience", min=1, help="Attacker early-stopping patience (epochs without a better validation accuracy).")
+_MIN_EPOCHS = config_option(AttackConfig, "min_epochs", "--attack-min-epochs", min=0, help="Attackers never stop before this epoch (capped at --attack-epochs): noisy messages can look unreadable for a few epochs before an attacker starts to read them.")
 _ATTACK_TRAIN = config_option(AttackConfig, "train_size", "--attack-train-size", min=2, help="Obfuscated training records the attacker uses, disjoint from the defense's (default: as many as the defense trained on, where that many exist).")
 _ATTACK_TEST = config_option(AttackConfig, "test_size", "--attack-test-size", min=2, help="Obfuscated test records scored by the attacks (default: the whole test split).")
 _ATTACK_WIDTH = config_option(AttackConfig, "width", "--attack-width", min=1, help="Channels of the CNN attackers' first layer (doubling per block).")
@@ -59,6 +60,7 @@ def build_eval_config(
     patience: int,
     attack_train_size: Optional[int],
     attack_test_size: Optional[int],
+    attack_min_epochs: int = config_default(AttackConfig, "min_epochs"),
     attack_width: int,
     attackers: str,
     views: int,
@@ -76,7 +78,7 @@ def build_eval_config(
     from veil.evaluation.sweep import EvalConfig
 
     attack = AttackConfig(
-        attackers=_split(attackers, "--attackers"), epochs=attack_epochs, patience=patience, train_size=attack_train_size,
+        attackers=_split(attackers, "--attackers"), epochs=attack_epochs, patience=patience, min_epochs=attack_min_epochs, train_size=attack_train_size,
         test_size=attack_test_size, width=attack_width, views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
         device=attack_device,
     )
@@ -110,6 +112,7 @@ def evaluate_cmd(
     run: Path = typer.Argument(..., help="A finished run folder (from 'veil train'); RUN/privacy.json is written."),
     attack_epochs: int = _ATTACK_EPOCHS,
     patience: int = _PATIENCE,
+    attack_min_epochs: int = _MIN_EPOCHS,
     attack_train_size: Optional[int] = _ATTACK_TRAIN,
     attack_test_size: Optional[int] = _ATTACK_TEST,
     attack_width: int = _ATTACK_WIDTH,
@@ -137,7 +140,7 @@ def evaluate_cmd(
     from veil.evaluation.sweep import evaluate_run
 
     try:
-        config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
+        config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_min_epochs=attack_min_epochs, attack_train_size=attack_train_size, attackers=attackers,
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
@@ -171,6 +174,7 @@ def sweep_cmd(
     option: Optional[List[str]] = typer.Option(None, "--option", help="Extra defense option KEY=VALUE (JSON value), repeatable."),
     attack_epochs: int = _ATTACK_EPOCHS,
     patience: int = _PATIENCE,
+    attack_min_epochs: int = _MIN_EPOCHS,
     attack_train_size: Optional[int] = _ATTACK_TRAIN,
     attack_test_size: Optional[int] = _ATTACK_TEST,
     attack_width: int = _ATTACK_WIDTH,
@@ -191,7 +195,7 @@ def sweep_cmd(
     from veil.evaluation.sweep import parse_knobs, sweep
 
     try:
-        config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_train_size=attack_train_size, attackers=attackers,
+        config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_min_epochs=attack_min_epochs, attack_train_size=attack_train_size, attackers=attackers,
                                    attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
