@@ -85,22 +85,26 @@ def test_noise_has_the_defenses_distribution_and_is_fresh(runs, onnx_clients):
 
 
 def test_server_accuracy_on_onnx_messages_equals_pytorch(runs, onnx_clients, scnl_service):
-    """Served accuracy on all 1797 digits, five noise draws each: ONNX-made messages (OS noise) against
-    PyTorch-made ones, within 1 point; with the same noise the predictions agree record for record."""
+    """Served accuracy on all 1797 digits, eight noise draws each: ONNX-made messages (OS noise) against
+    PyTorch-made ones, within 1 point or 4 standard errors of the difference (estimated from the draws; one
+    point alone failed about one run in fifteen from the noise draws); with the same noise the predictions
+    agree record for record."""
     _, task, defense, _ = load_run(runs["scnl"])
     client = OnnxObfuscator(onnx_clients["scnl"], threads=1)
     x = torch.cat([task.train.x, task.val.x, task.test.x])
     y = torch.cat([task.train.y, task.val.y, task.test.y]).numpy()
     with Client(defense, scnl_service.url, TOKEN, batch_size=512) as service:
-        acc_onnx = np.mean([(service.send(client.obfuscate(x.numpy())) == y).mean() for _ in range(5)])
-        acc_torch = np.mean([(service.send(obfuscate(defense, x)) == y).mean() for _ in range(5)])
+        draws_onnx = [(service.send(client.obfuscate(x.numpy())) == y).mean() for _ in range(8)]
+        draws_torch = [(service.send(obfuscate(defense, x)) == y).mean() for _ in range(8)]
         torch.manual_seed(7)
         with torch.no_grad():
             m = defense.encode(x[:512])
         torch.manual_seed(7)
         same_noise = service.send(client.obfuscate(x[:512].numpy(), torch.randn(m.shape).numpy()))
         assert (same_noise == service.send(m)).mean() >= 0.998
-    assert acc_torch > 0.7 and abs(acc_onnx - acc_torch) <= 0.01, (acc_onnx, acc_torch)
+    acc_onnx, acc_torch = float(np.mean(draws_onnx)), float(np.mean(draws_torch))
+    se = float(np.sqrt(np.var(draws_onnx, ddof=1) / 8 + np.var(draws_torch, ddof=1) / 8))
+    assert acc_torch > 0.7 and abs(acc_onnx - acc_torch) <= max(0.01, 4 * se), (acc_onnx, acc_torch, se)
 
 
 def test_export_client_command(runs, tmp_path):
