@@ -114,3 +114,59 @@ def test_saliency_from_must_be_a_finished_none_run(tmp_path):
     d = create_defense("select-salient", input_shape=(1, 16, 16), num_classes=4, saliency_from=str(tmp_path))
     with pytest.raises(ValueError, match="saliency_from"):
         d.setup(create_model("cnn", (1, 16, 16), 4), [(torch.rand(4, 1, 16, 16), torch.zeros(4, dtype=torch.long))])
+
+
+def _bar_with_secret_beside(seed: int = 0) -> Task:
+    """A 16x16 record: a bar in rows 4y..4y+3, columns 1..8, says y (4 classes); right beside it, in the same
+    band (columns 10..13), one lit row 4y+z says the secret z. The task's saliency reaches the secret (it sits
+    in the band that says y), so selection from y alone keeps much of it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        y = torch.randint(0, 4, (n,), generator=gen)
+        z = torch.randint(0, 4, (n,), generator=gen)
+        x = torch.zeros(n, 1, 16, 16)
+        for i in range(n):
+            x[i, 0, 4 * int(y[i]) : 4 * int(y[i]) + 4, 1:9] = 1.0
+            x[i, 0, 4 * int(y[i]) + int(z[i]), 10:14] = 1.0
+        return Split(x, y, z)
+
+    return Task("bar-secret", split(512), split(128), split(256), num_primary=4, num_secondary=4)
+
+
+def _secret_ink_kept(name: str, **options) -> tuple[float, float]:
+    torch.manual_seed(0)
+    task = _bar_with_secret_beside()
+    d = create_defense(name, input_shape=(1, 16, 16), num_classes=4, keep=0.25, reference_epochs=8, patch=4, stride=2, selector_epochs=30, **options)
+    model = create_model("cnn", (1, 16, 16), 4)
+    fit(d, model, task, TrainConfig(task="bar-secret", defense=name, epochs=3, batch_size=32, lr=2e-3), log=lambda s: None)
+    d.eval()
+    x = task.test.x
+    with torch.no_grad():
+        kept = d.kept(x)
+        acc = float((model(d.encode(x)).argmax(1) == task.test.y).float().mean())
+    return float(kept[:, :, :, 10:14][x[:, :, :, 10:14] > 0.5].mean()), acc
+
+
+def test_known_secrets_close_what_selection_from_y_keeps():
+    """With z known for 10% of the training records, select-salient-z closes the secret's ink that
+    select-salient (y alone) keeps, and the server still reads y."""
+    plain, plain_acc = _secret_ink_kept("select-salient")
+    known, known_acc = _secret_ink_kept("select-salient-z", secret_fraction=0.1, secret_classes=4, secret_epochs=60)
+    assert plain > 0.5, f"the toy task should make y-only selection keep the secret (kept {plain:.2f})"
+    assert known < 0.2 and known < plain / 3, f"known secrets did not close the secret: {known:.2f} kept vs {plain:.2f}"
+    assert known_acc > 0.9 and plain_acc > 0.9
+
+
+def test_known_secret_defense_declares_and_validates_its_secrets():
+    d = create_defense("select-salient-z", input_shape=(1, 16, 16), num_classes=4, secret_classes=4, reference_epochs=1)
+    assert d.uses == "y,z" and d.uses_secret and not d.uses_mask and d.secret_fraction == 0.1
+    x = torch.rand(3, 1, 16, 16)
+    assert d.encode(x, secret=torch.tensor([0, -1, 3])).shape == x.shape
+    with pytest.raises(ValueError, match="secret labels"):
+        d.encode(x, secret=torch.tensor([0, 4, 1]))
+    with pytest.raises(ValueError, match="too few"):  # no record's secret is known
+        d.setup(create_model("cnn", (1, 16, 16), 4), [(x, torch.zeros(3, dtype=torch.long), torch.full((3,), -1))])
+    for bad in ({"secret_fraction": 0.0}, {"secret_close": 1.5}, {"secret_epochs": 0}, {"secret_classes": 1}):
+        with pytest.raises(ValueError):
+            create_defense("select-salient-z", input_shape=(1, 16, 16), num_classes=4, **bad)

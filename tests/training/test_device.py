@@ -90,7 +90,8 @@ def test_every_stage_and_the_inference_path_stay_on_the_device(name, model_name)
             defense.train()
             model.train()
             if name not in SETUP_NEEDS_VALUES:
-                defense.setup(model, [(x, y) if mask is None else (x, y, mask)])  # batches as training hands them
+                z = (torch.empty(B, dtype=torch.int64, device=META),) if defense.uses_secret else ()  # known secrets, -1 elsewhere
+                defense.setup(model, [(x, y, *z) if mask is None else (x, y, *z, mask)])  # batches as training hands them
             loss, logits = train_step(defense, model, x, y, stage, mask)
             assert loss.is_meta and logits.shape == (B, C)
             params = [p for p in defense.parameters() if p.requires_grad] + (list(model.parameters()) if stage.train_model else [])

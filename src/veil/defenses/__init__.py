@@ -34,6 +34,7 @@ _REGISTRY: dict[str, str] = {
     "scnl-gate": "veil.defenses.gate:SCNLGate",
     "scnl-gate-z": "veil.defenses.gate:SCNLGateSecret",
     "select-salient": "veil.defenses.salient:SalientSelection",
+    "select-salient-z": "veil.defenses.salient:SalientSelectionSecret",
     "scnl-detect": "veil.detection.defense:SCNLDetect",
 }
 

@@ -18,6 +18,7 @@ A defense is split at the trust boundary:
 from __future__ import annotations
 
 import abc
+import math
 import dataclasses
 from typing import Any, ClassVar
 
@@ -227,6 +228,22 @@ class Defense(nn.Module, abc.ABC):
         for b in self.buffers():
             return b.device
         return torch.device("cpu")
+
+
+def number_option(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    """``value`` as a float if it is a finite number in [lo, hi] ((lo, hi] with ``lo_open``); else ``ValueError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
+        raise ValueError(f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def check_secret(secret: torch.Tensor, batch: int, classes: int) -> None:
+    """Raise ``ValueError`` unless ``secret`` is (batch,) integer labels in [0, classes), -1 where unknown
+    (known-secret mode: the data owner's secret labels for some training records)."""
+    if not isinstance(secret, torch.Tensor) or secret.dtype not in (torch.int64, torch.int32) or tuple(secret.shape) != (batch,):
+        raise ValueError(f"secret must be an integer tensor of shape ({batch},), got {getattr(secret, 'dtype', type(secret))} {tuple(getattr(secret, 'shape', ()))}")
+    if secret.numel() and (int(secret.min()) < -1 or int(secret.max()) >= classes):
+        raise ValueError(f"secret labels must lie in [0, {classes - 1}] (-1: unknown), got range [{int(secret.min())}, {int(secret.max())}]")
 
 
 def check_batch(

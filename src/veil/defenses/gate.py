@@ -28,23 +28,16 @@ Knob ``lambda_`` (larger = more private): the weight of the gates' expected L0 n
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from veil.defenses.base import Defense, Stage
+from veil.defenses.base import Defense, Stage, check_secret, number_option
 from veil.layers.gates import SecretAdversary, hard_concrete_mean, hard_concrete_sample, open_probability, reverse_gradient
 from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection
-
-
-def _number(key: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (lo < value if lo_open else lo <= value) or value > hi:
-        raise ValueError(f"{key} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
-    return float(value)
 
 
 class SCNLGate(Defense):
@@ -86,9 +79,9 @@ class SCNLGate(Defense):
         if not isinstance(sharpen, bool):
             raise ValueError(f"sharpen must be true or false, got {sharpen!r}")
         self.options: dict[str, Any] = dict(
-            lambda_=_number("lambda_", lambda_, 0, 1e6), selector_width=int(selector_width),
-            init_open=_number("init_open", init_open, -20, 20), open_scale=_number("open_scale", open_scale, 0, 10),
-            closed_scale=_number("closed_scale", closed_scale, 0, 10), lr_scale=_number("lr_scale", lr_scale, 0, 1e3, lo_open=True),
+            lambda_=number_option("lambda_", lambda_, 0, 1e6), selector_width=int(selector_width),
+            init_open=number_option("init_open", init_open, -20, 20), open_scale=number_option("open_scale", open_scale, 0, 10),
+            closed_scale=number_option("closed_scale", closed_scale, 0, 10), lr_scale=number_option("lr_scale", lr_scale, 0, 1e3, lo_open=True),
             sharpen=sharpen,
         )
         self.lambda_ = self.options["lambda_"]
@@ -172,10 +165,10 @@ class SCNLGateSecret(SCNLGate):
             raise ValueError(f"secret_classes must be an integer >= 2, got {secret_classes!r}")
         if isinstance(adversary_width, bool) or not (isinstance(adversary_width, int) and 1 <= adversary_width <= 256):
             raise ValueError(f"adversary_width must be an integer in [1, 256], got {adversary_width!r}")
-        self.secret_fraction = _number("secret_fraction", secret_fraction, 0, 1)
+        self.secret_fraction = number_option("secret_fraction", secret_fraction, 0, 1)
         self.options.update(
             secret_fraction=self.secret_fraction, secret_classes=int(secret_classes),
-            adversary_weight=_number("adversary_weight", adversary_weight, 0, 1e3), adversary_width=int(adversary_width),
+            adversary_weight=number_option("adversary_weight", adversary_weight, 0, 1e3), adversary_width=int(adversary_width),
         )
         self.adversary = scale_learning_rate(SecretAdversary(self.input_shape[0], int(secret_classes), int(adversary_width)), self.options["lr_scale"])
 
@@ -193,10 +186,7 @@ class SCNLGateSecret(SCNLGate):
         if secret is None or not self.training:
             return h
         k = self.options["secret_classes"]
-        if not isinstance(secret, torch.Tensor) or secret.dtype not in (torch.int64, torch.int32) or tuple(secret.shape) != (x.shape[0],):
-            raise ValueError(f"secret must be an integer tensor of shape ({x.shape[0]},), got {getattr(secret, 'dtype', type(secret))} {tuple(getattr(secret, 'shape', ()))}")
-        if secret.numel() and (int(secret.min()) < -1 or int(secret.max()) >= k):
-            raise ValueError(f"secret labels must lie in [0, {k - 1}] (-1: unknown), got range [{int(secret.min())}, {int(secret.max())}]")
+        check_secret(secret, x.shape[0], k)
         known = secret >= 0
         if known.any():
             logits = self.adversary(reverse_gradient(h[known]))  # the adversary descends, the obfuscator ascends

@@ -35,9 +35,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from veil.defenses.base import Defense, Stage
+from veil.defenses.base import Defense, Stage, check_secret, number_option
 from veil.defenses.local import load_reference
 from veil.defenses.redact import FILLS, FillsRegion, redact
+from veil.layers.gates import ObjectReader, shifted
 from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection, best_box, train_pixel_selector
 
@@ -208,19 +209,111 @@ class SalientSelection(FillsRegion, Defense):
             return load_reference(self.options["saliency_from"], self.input_shape, self.num_classes, "saliency_from").to(self._device())
         return train_reference(model, batches, self.options["reference_epochs"])
 
+    def keep_maps(self, model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        """Each batch's (B, 1, H, W) keep maps: the top ``keep`` share of the reference's occlusion saliency."""
+        ref = self.reference(model, [tuple(b[:2]) for b in batches])
+        o = self.options
+        return [keep_maps(occlusion_saliency(ref, b[0], o["patch"], o["stride"]), o["keep"]) for b in batches]
+
     def setup(self, model: nn.Module, loader: Any) -> None:
         """Compute the training records' keep maps from the reference by occlusion; train the selector on
         them (``selector_epochs`` passes); freeze it."""
-        batches = [tuple(b[:2]) for b in loader]
+        batches = [tuple(b) for b in loader]
         if not batches:
-            raise ValueError("select-salient's setup needs training records")
-        ref = self.reference(model, batches)
+            raise ValueError(f"{self.name}'s setup needs training records")
+        maps = self.keep_maps(model, batches)
         o = self.options
-        maps = [keep_maps(occlusion_saliency(ref, x, o["patch"], o["stride"]), o["keep"]) for x, _ in batches]
         self.selector.requires_grad_(True)
         try:
             if o["selector_epochs"]:
-                train_pixel_selector(self.selector, [(x, k) for (x, _), k in zip(batches, maps)], epochs=o["selector_epochs"],
+                train_pixel_selector(self.selector, [(b[0], k) for b, k in zip(batches, maps)], epochs=o["selector_epochs"],
                                      lr=o["lr_scale"] * 1e-3, weight=torch.ones(2), check=lambda m, b: m)
         finally:
             self.selector.requires_grad_(False)
+
+
+def train_secret_model(x: torch.Tensor, z: torch.Tensor, classes: int, epochs: int, *, width: int = 32, lr: float = 2e-3,
+                       batch_size: int = 32, max_shift: int = 6) -> nn.Module:
+    """A reader of the secret (:class:`veil.layers.gates.ObjectReader`) trained on the clean records ``x``
+    whose secret ``z`` the data owner knows, with random shifts of up to ``max_shift`` pixels; frozen, in
+    eval mode."""
+    net = ObjectReader(x.shape[1], classes, width).to(x.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), device=x.device)
+        for i in range(0, len(x), batch_size):
+            idx = order[i : i + batch_size]
+            if len(idx) < 2:  # batch norm needs two records
+                continue
+            loss = F.cross_entropy(net(shifted(x[idx], max_shift)), z[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+class SalientSelectionSecret(SalientSelection):
+    """``select-salient`` that also closes what a model of the known secrets reads (known-secret mode).
+
+    Where the data owner knows the secret for some training records (``secret_fraction``, the same records
+    throughout), ``setup`` trains a small CNN (:class:`veil.layers.gates.ObjectReader`, global max pool,
+    random shifts) to read the secret from those clean records and probes it by
+    occlusion on every training record; pixels whose secret saliency reaches ``secret_close`` of the
+    record's highest are removed from the keep map before the selector learns it. The y-reference decides
+    what the task needs, the secret model what gives the secret away; the selector learns the difference,
+    and the secret never shapes a message (``encode`` validates it and ignores it).
+
+    Args (beyond :class:`SalientSelection`'s):
+        secret_fraction: Share of the training records whose secret the data owner hands over.
+        secret_classes: Number of the secret's classes.
+        secret_epochs: Passes of the secret model's training over the known records.
+        secret_close: A pixel whose secret saliency is at least this share of its record's highest is closed.
+    """
+
+    name: ClassVar[str] = "select-salient-z"
+    uses: ClassVar[str] = "y,z"
+    uses_secret: ClassVar[bool] = True
+
+    def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, secret_fraction: float = 0.1, secret_classes: int = 10,
+                 secret_epochs: int = 60, secret_close: float = 0.1, **options: Any) -> None:
+        super().__init__(input_shape=input_shape, num_classes=num_classes, **options)
+        if isinstance(secret_classes, bool) or not (isinstance(secret_classes, int) and 2 <= secret_classes <= 100_000):
+            raise ValueError(f"secret_classes must be an integer >= 2, got {secret_classes!r}")
+        if isinstance(secret_epochs, bool) or not (isinstance(secret_epochs, int) and 1 <= secret_epochs <= 1000):
+            raise ValueError(f"secret_epochs must be an integer in [1, 1000], got {secret_epochs!r}")
+        self.secret_fraction = number_option("secret_fraction", secret_fraction, 0, 1, lo_open=True)
+        self.options.update(secret_fraction=self.secret_fraction, secret_classes=int(secret_classes), secret_epochs=int(secret_epochs),
+                            secret_close=number_option("secret_close", secret_close, 0, 1, lo_open=True))
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, *, secret: torch.Tensor | None = None) -> torch.Tensor:
+        """As :meth:`SalientSelection.encode`; a known ``secret`` (B,) (-1 where unknown) is validated and
+        never used: the secret shaped the selector in ``setup``, not the message."""
+        if secret is not None:
+            check_secret(secret, x.shape[0], self.options["secret_classes"])
+        return super().encode(x, y)
+
+    def keep_maps(self, model: nn.Module, batches: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+        """The y-reference's keep maps less every pixel the secret model's occlusion saliency reaches
+        ``secret_close`` of its record's highest score on."""
+        if any(len(b) < 3 for b in batches):
+            raise ValueError(f"{self.name}'s setup needs batches of (x, y, z) with z = -1 where the secret is unknown")
+        o = self.options
+        for b in batches:
+            check_secret(b[2], b[0].shape[0], o["secret_classes"])
+        known = [(b[2] >= 0).nonzero().squeeze(1) for b in batches]
+        x = torch.cat([b[0][i] for b, i in zip(batches, known)])
+        z = torch.cat([b[2][i] for b, i in zip(batches, known)]).long()
+        if len(z) < 2:
+            raise ValueError(f"{self.name} was handed {len(z)} known secret(s), too few to learn from: raise secret_fraction (now {o['secret_fraction']})")
+        secret_model = train_secret_model(x, z, o["secret_classes"], o["secret_epochs"])
+        maps = super().keep_maps(model, batches)
+        out = []
+        for b, k in zip(batches, maps):
+            s = occlusion_saliency(secret_model, b[0], o["patch"], o["stride"])
+            closed = s >= o["secret_close"] * s.flatten(1).max(1).values.clamp(min=1e-12).view(-1, 1, 1, 1)
+            out.append(k * (~closed).to(k.dtype))
+        return out

@@ -77,3 +77,34 @@ class SecretAdversary(nn.Module):
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         return self.net(m)
+
+
+class ObjectReader(nn.Module):
+    """A batch-norm CNN ending in a global max pool: reads a small object wherever it sits on the canvas.
+
+    (B, C, H, W) -> logits (B, classes). Measured on fashion-tag (a 14x14 tag digit at a random place beside
+    a garment), trained on the clean records of 300 known secrets: 0.86 test accuracy (0.93 with random
+    shifts, :func:`shifted`), where :class:`SecretAdversary` memorised the 300 and read 0.12 (chance 0.10).
+    """
+
+    def __init__(self, in_channels: int, classes: int, width: int = 32) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.net = nn.Sequential(
+            *block(in_channels, width), *block(width, width), nn.MaxPool2d(2, ceil_mode=True),
+            *block(width, 2 * width), nn.MaxPool2d(2, ceil_mode=True), *block(2 * width, 2 * width),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def shifted(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` (B, C, H, W) rolled by one random (dy, dx) in [-max_shift, max_shift]^2 (wrapping round): the
+    augmentation that teaches a reader of small objects that where the object sits does not matter."""
+    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+    return torch.roll(x, (dy, dx), (2, 3))

@@ -446,7 +446,10 @@ def fit(
             # what setup derives (SVD's basis, sample-and-hold's windows) lives in the defense's buffers, so
             # a stage resumed mid-way keeps it instead of recalibrating on a partly trained model
             masks = defense.uses_mask and data.train.mask is not None  # a region defense learns its selector from them
-            defense.setup(model, OnDevice(data.train.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si, with_mask=masks), device))
+            secrets = defense.uses_secret  # batches (x, y, z or -1, [mask]): the same known records as in training
+            setup_split = known_secrets(data.train, defense.secret_fraction, config.seed) if secrets else data.train
+            defense.setup(model, OnDevice(setup_split.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si, with_secondary=secrets,
+                                                             with_mask=masks), device))
         params = list(model.parameters()) if engine else _trainable(defense, model, stage)
         if not params:
             raise ValueError(f"stage {stage.name!r} of defense {name!r} has nothing to train")
