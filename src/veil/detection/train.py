@@ -282,7 +282,8 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
     next epoch draws from is restored (weights, Adam state, schedule step, data order, torch's random
     state), so a defense without training noise continues exactly as if never interrupted.
     """
-    from veil.training.loop import lr_factor, stage_epochs
+    from veil.training.epochs import lr_factor
+    from veil.training.loop import stage_epochs
 
     train = task.train
     regions = region_map(train, 0, len(train)).to(torch.uint8)
