@@ -64,7 +64,7 @@ def weights(run) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("defense, epochs, stop, where", [
-    ("none", 4, 2, "stage 1, epoch 3"),  # mid-stage: Adam's moments, the schedule's step, the data order
+    ("none", 4, 2, "stage 1, epoch 3"),  # mid-stage: Adam's moments, the schedule's position, the data order
     ("local", 3, 1, "stage 1, epoch 2"),  # the on-device detector: no defense in the checkpoint
     ("sample-and-hold", 2, 1, "stage 2, epoch 1"),  # two stages: resumed at the second one's start (a fresh optimizer)
 ])
@@ -114,6 +114,26 @@ def tamper(path, **progress) -> None:
         meta = dict(f.metadata())
     meta["progress"] = json.dumps({**json.loads(meta["progress"]), **progress})
     save_weights(path, tensors, metadata=meta)
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_exactly(small_task, tmp_path):
+    """Before detection trained in the shared epoch loop its checkpoint also held the LambdaLR schedule's
+    step (and Adam's groups its ``initial_lr``); the step index now gives the schedule, so such a file
+    resumes as it is, to the same weights."""
+    cfg = config("none", 4)
+    whole = train_detection(cfg, tmp_path / "whole", task=small_task, log=lambda s: None)
+    interrupted(cfg, tmp_path / "run", small_task, 2)
+    ckpt = tmp_path / "run" / CHECKPOINT
+    tamper(ckpt, sched_step=2 * 4)  # 2 epochs of 4 batches (60 scenes, 16 a batch)
+    tensors = load_weights(ckpt)
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["param_groups"] = json.dumps([{**g, "initial_lr": cfg.lr} for g in json.loads(meta["param_groups"])])
+    save_weights(ckpt, tensors, metadata=meta)
+    resumed = train_detection(cfg, tmp_path / "run", task=small_task, log=lambda s: None)
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in whole["history"]]
+    got, want = weights(tmp_path / "run"), weights(tmp_path / "whole")
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_damaged_or_foreign_checkpoint_is_refused(small_task, tmp_path):
