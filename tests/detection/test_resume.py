@@ -1,10 +1,12 @@
 """An interrupted detection run resumes after its last finished epoch (``checkpoint.safetensors``).
 
-The interruption is a callback that raises after epoch k's log line (the checkpoint is written before
-it), as a kill between two epochs would leave the folder; no option exists for it.
+The interruption is a callback that raises at epoch k + 1's log line (the shared epoch loop writes the
+checkpoint after an epoch's line, so it still holds epoch k), as a kill between two epochs would leave
+the folder; no option exists for it.
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,13 +23,23 @@ class Interrupted(Exception):
     pass
 
 
-def stop_after(epoch: int, lines: list[str]):
-    """A ``log`` that records its lines and raises once epoch ``epoch``'s line has been written."""
+#: An epoch's progress line, as the shared epoch loop writes it: "[none] stage joint (1/1) epoch 2/4: loss ..."
+EPOCH_LINE = re.compile(r"\[[^]]+\] stage \S+ \(\d+/\d+\) epoch \d+/\d+: loss ")
+
+
+def epoch_lines(lines: list[str]) -> list[str]:
+    """The epoch lines of a log, up to their loss (what names the epoch)."""
+    return [s.split(":")[0] for s in lines if EPOCH_LINE.match(s)]
+
+
+def stop_after(epochs: int, lines: list[str]):
+    """A ``log`` that records its lines and raises, unrecorded, at the line of the epoch after ``epochs``
+    epochs, before that epoch's checkpoint is written."""
 
     def log(line: str) -> None:
-        lines.append(line)
-        if f"] epoch {epoch}/" in line:
+        if EPOCH_LINE.match(line) and len(epoch_lines(lines)) == epochs:
             raise Interrupted(line)
+        lines.append(line)
 
     return log
 
@@ -52,21 +64,21 @@ def weights(run) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("defense, epochs, stop, where", [
-    ("none", 4, 2, "stage 1, epoch 3"),  # mid-stage: Adam's moments, the schedule's step, the data order
+    ("none", 4, 2, "stage 1, epoch 3"),  # mid-stage: Adam's moments, the schedule's position, the data order
     ("local", 3, 1, "stage 1, epoch 2"),  # the on-device detector: no defense in the checkpoint
     ("sample-and-hold", 2, 1, "stage 2, epoch 1"),  # two stages: resumed at the second one's start (a fresh optimizer)
 ])
 def test_resume_is_exact_without_training_noise(small_task, tmp_path, defense, epochs, stop, where):
     cfg = config(defense, epochs)
-    whole = train_detection(cfg, tmp_path / "whole", task=small_task, log=lambda s: None)
+    whole_lines: list[str] = []
+    whole = train_detection(cfg, tmp_path / "whole", task=small_task, log=whole_lines.append)
     lines = interrupted(cfg, tmp_path / "run", small_task, stop)
     resumed_lines: list[str] = []
     resumed = train_detection(cfg, tmp_path / "run", task=small_task, log=resumed_lines.append)
     assert f"resuming at {where}" in resumed_lines[0]
-    trained = [s for s in lines + resumed_lines if "] epoch " in s]
-    assert [s.split(" loss")[0] for s in trained] == [f"[{defense}] epoch {e}/{epochs}" for e in range(1, epochs + 1)]  # each epoch once
-    assert [r["epoch"] for r in resumed["history"]] == list(range(1, epochs + 1))
-    assert [r["stage"] for r in resumed["history"]] == [r["stage"] for r in whole["history"]]
+    assert len(epoch_lines(lines)) == stop and len(epoch_lines(whole_lines)) == epochs
+    assert epoch_lines(lines + resumed_lines) == epoch_lines(whole_lines)  # each epoch once
+    assert [(r["stage"], r["epoch"]) for r in resumed["history"]] == [(r["stage"], r["epoch"]) for r in whole["history"]]
     for a, b in zip(resumed["history"], whole["history"]):  # bit for bit: the same operations on the same state
         assert a["loss"] == b["loss"]
     got, want = weights(tmp_path / "run"), weights(tmp_path / "whole")
@@ -83,14 +95,14 @@ def test_noisy_defense_resumes_at_the_right_epoch(small_task, tmp_path):
     resumed_lines: list[str] = []
     metrics = train_detection(cfg, tmp_path / "run", task=small_task, log=resumed_lines.append)
     assert "resuming at stage 1, epoch 2" in resumed_lines[0]
-    assert [s.split(" loss")[0] for s in resumed_lines if "] epoch " in s] == ["[scnl-detect] epoch 2/3", "[scnl-detect] epoch 3/3"]
+    assert epoch_lines(resumed_lines) == ["[scnl-detect] stage joint (1/1) epoch 2/3", "[scnl-detect] stage joint (1/1) epoch 3/3"]
     assert [r["epoch"] for r in metrics["history"]] == [1, 2, 3]
     assert f"{metrics['history'][0]['loss']:.4f}" in lines[0], "the first epoch's record is the interrupted run's"
     assert (tmp_path / "run" / "obfuscator.safetensors").is_file() and not (tmp_path / "run" / CHECKPOINT).exists()
     # finished: not retrained, and a different config is refused
     again: list[str] = []
     assert train_detection(cfg, tmp_path / "run", task=small_task, log=again.append) == metrics
-    assert not any("] epoch " in s for s in again)
+    assert not epoch_lines(again)
     with pytest.raises(ValueError, match="different config"):
         train_detection(config("scnl-detect", 4), tmp_path / "run", task=small_task, log=lambda s: None)
 
@@ -102,6 +114,26 @@ def tamper(path, **progress) -> None:
         meta = dict(f.metadata())
     meta["progress"] = json.dumps({**json.loads(meta["progress"]), **progress})
     save_weights(path, tensors, metadata=meta)
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_exactly(small_task, tmp_path):
+    """Before detection trained in the shared epoch loop its checkpoint also held the LambdaLR schedule's
+    step (and Adam's groups its ``initial_lr``); the step index now gives the schedule, so such a file
+    resumes as it is, to the same weights."""
+    cfg = config("none", 4)
+    whole = train_detection(cfg, tmp_path / "whole", task=small_task, log=lambda s: None)
+    interrupted(cfg, tmp_path / "run", small_task, 2)
+    ckpt = tmp_path / "run" / CHECKPOINT
+    tamper(ckpt, sched_step=2 * 4)  # 2 epochs of 4 batches (60 scenes, 16 a batch)
+    tensors = load_weights(ckpt)
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["param_groups"] = json.dumps([{**g, "initial_lr": cfg.lr} for g in json.loads(meta["param_groups"])])
+    save_weights(ckpt, tensors, metadata=meta)
+    resumed = train_detection(cfg, tmp_path / "run", task=small_task, log=lambda s: None)
+    assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in whole["history"]]
+    got, want = weights(tmp_path / "run"), weights(tmp_path / "whole")
+    assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_damaged_or_foreign_checkpoint_is_refused(small_task, tmp_path):

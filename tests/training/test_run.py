@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from veil.training import TrainConfig, export_run, load_run, train_run
-from veil.training.loop import lr_factor
+from veil.training.epochs import lr_factor
 
 CFG = TrainConfig(task="digits-lt5", defense="gaussian", knob=0.2, epochs=3, batch_size=64)
 

@@ -12,7 +12,8 @@ A defense is split at the trust boundary:
 * ``knob`` names the constructor argument that moves the privacy/utility trade-off, and
   ``knob_direction`` says which way is more private, so one sweep serves all methods.
 * ``stages()`` lists the training stages; ``set_stage`` chooses which parameters train in each.
-  One training loop (:mod:`veil.training.loop`) runs every method.
+  One training loop (:func:`veil.training.loop.fit`, its epochs in :mod:`veil.training.epochs`) runs
+  every method.
 """
 
 from __future__ import annotations

@@ -5,12 +5,14 @@
 where the defense takes regions), ``obfuscator.safetensors`` (the client) and ``model.safetensors`` (the
 server detector; for ``local`` the client's own detector). Every file is written atomically.
 
-While it trains the folder also holds ``checkpoint.safetensors`` (:data:`veil.training.run.CHECKPOINT`),
-rewritten after every epoch: weights, Adam state, the LR schedule's step, the data order's generator,
-torch's random state, the progress and the config. A run that is interrupted resumes after its last
-finished epoch (a reduced run takes tens of minutes on a CPU, too long to lose); the finished run
-removes it. The file is the classification one (:func:`~veil.training.run.save_checkpoint`), with the
-detection-only state (data order, schedule step) in its progress record.
+The epochs run in the loop every workflow shares (:func:`veil.training.epochs.run_epochs`); detection
+brings its batches (scenes with their boxes) and its loss. While it trains the folder also holds
+``checkpoint.safetensors`` (:data:`veil.training.run.CHECKPOINT`), rewritten after every epoch: weights,
+Adam state, the data order's generator, torch's random state, the progress and the config. A run that is
+interrupted resumes after its last finished epoch (a reduced run takes tens of minutes on a CPU, too long
+to lose); the finished run removes it. The file is the classification one
+(:func:`~veil.training.run.save_checkpoint`), with the detection-only state (the data order's generator)
+in its progress record.
 
 The detection defense trains with the boxes the data owner holds (per-object region hard selection for
 defenses with ``uses_mask``), the server detector on the messages; the loss is CenterNet's plus the
@@ -23,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -216,9 +219,9 @@ def evaluate_map(defense: nn.Module | None, model: nn.Module, scenes: Scenes, *,
 
 # ----------------------------------------------------------------------------------------- training
 class _NoDefense(nn.Module):
-    """Stands in for the defense of a ``local`` run in the checkpoint code (the detector is the client's
-    own): no weights and one stage, so :func:`~veil.training.run.save_checkpoint` and ``load_checkpoint``
-    apply as they are."""
+    """Stands in for the defense of a ``local`` run in the stage loop and the checkpoint code (the detector
+    is the client's own): no weights and one stage, so :func:`fit`'s stages and
+    :func:`~veil.training.run.save_checkpoint` and ``load_checkpoint`` apply as they are."""
 
     def stages(self) -> list[Any]:
         from veil.defenses import Stage
@@ -226,25 +229,26 @@ class _NoDefense(nn.Module):
         return [Stage("joint")]
 
 
-def _save_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-                     gen: torch.Generator, config: DetectionConfig, stage: int, epoch: int, history: list[dict[str, Any]]) -> None:
-    """The classification checkpoint plus what only detection's loop keeps: the data order's generator
-    (drawn from once per epoch, so it cannot be re-derived from the epoch) and the schedule's step."""
+def _save_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                     config: DetectionConfig, stage: int, epoch: int, history: list[dict[str, Any]]) -> None:
+    """The classification checkpoint plus what only detection keeps: the data order's generator (drawn
+    from once per epoch, so it cannot be re-derived from the epoch)."""
     from veil.training.run import check_finite_weights, save_checkpoint
 
     client = defense if defense is not None else _NoDefense()
     check_finite_weights(client, model)  # a diverged epoch is never saved
     progress = {"stage": stage, "epoch": epoch, "history": history, "config": config.to_dict(),
-                "gen": base64.b64encode(gen.get_state().numpy().tobytes()).decode(), "sched_step": sched.last_epoch}
+                "gen": base64.b64encode(gen.get_state().numpy().tobytes()).decode()}
     save_checkpoint(path, client, model, opt, progress)
 
 
 def _load_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, config: DetectionConfig,
-                     gen: torch.Generator) -> tuple[tuple[int, int], dict[str, Any], int, list[dict[str, Any]]]:
+                     gen: torch.Generator) -> tuple[tuple[int, int], dict[str, Any], list[dict[str, Any]]]:
     """Restore weights, torch's random state and the data order's generator from ``path``; return
-    ((stage index, epoch within stage), optimizer state (empty at a stage's end), schedule step, history).
-    A checkpoint of another config, one further than this config's epochs, or a damaged one is a
-    ``ValueError`` naming the file."""
+    ((stage index, epoch within stage), optimizer state (empty at a stage's end), history). A checkpoint
+    of another config, one further than this config's epochs, or a damaged one is a ``ValueError``
+    naming the file. (A checkpoint of earlier versions also records the schedule's step, which the
+    epoch now gives: it resumes as it is.)"""
     from safetensors import safe_open
 
     from veil.training.run import load_checkpoint
@@ -253,13 +257,10 @@ def _load_checkpoint(path: Path, defense: nn.Module | None, model: nn.Module, co
     try:
         with safe_open(str(path), framework="pt") as f:
             progress = json.loads((f.metadata() or {})["progress"])
-        step = progress["sched_step"]
-        if type(step) is not int or step < 0:
-            raise ValueError(f"schedule step {step!r}")
         gen.set_state(torch.frombuffer(bytearray(base64.b64decode(progress["gen"], validate=True)), dtype=torch.uint8))
     except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error) as err:
         raise ValueError(f"{path}: not a detection checkpoint, or its progress record is damaged ({err}); delete it to start over") from err
-    return start, opt_state, step, history
+    return start, opt_state, history
 
 
 class _SceneBatches:
@@ -276,31 +277,60 @@ class _SceneBatches:
 
 def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config: DetectionConfig, log: Callable[[str], None],
         *, checkpoint: Path | None = None) -> list[dict[str, Any]]:
-    """Train defense and detector together (Adam, cosine to 0); the defense's stages share the epochs.
+    """Train defense and detector together (Adam, cosine to 0 over each stage's steps) in the one epoch
+    loop (:func:`veil.training.epochs.run_epochs`); the defense's stages share the epochs.
 
     ``checkpoint``: the file written after every epoch and, where it exists, resumed from. Everything the
-    next epoch draws from is restored (weights, Adam state, schedule step, data order, torch's random
-    state), so a defense without training noise continues exactly as if never interrupted.
+    next epoch draws from is restored (weights, Adam state, data order, torch's random state; the schedule
+    follows from the epoch), so a defense without training noise continues exactly as if never interrupted.
     """
-    from veil.training.loop import lr_factor, stage_epochs
+    from veil.defenses.base import Recipe, Stage
+    from veil.training.epochs import StagePlan, run_epochs
+    from veil.training.loop import make_optimizer, stage_epochs
 
     train = task.train
     regions = region_map(train, 0, len(train)).to(torch.uint8)
     targets = train.targets(0, len(train))
-    stages = defense.stages() if defense is not None else [None]
-    counts = stage_epochs(stages, config.epochs) if defense is not None else [config.epochs]
+    client = defense if defense is not None else _NoDefense()
+    stages = client.stages()
+    counts = stage_epochs(stages, config.epochs)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, Any]] = []
     out_hw = tuple(model(torch.zeros(2, *(defense.output_shape() if defense is not None else task.input_shape)))["heat"].shape[-2:])
-    start, opt_state, sched_step = (0, 0), {}, 0
+    start, opt_state = (0, 0), {}
     if checkpoint is not None and checkpoint.exists():  # after the probe above: its state is overwritten here
-        start, opt_state, sched_step, history = _load_checkpoint(checkpoint, defense, model, config, gen)
+        start, opt_state, history = _load_checkpoint(checkpoint, defense, model, config, gen)
         if start[0] < len(counts):
             log(f"[{config.defense}] {checkpoint.parent}: resuming at stage {start[0] + 1}, epoch {start[1] + 1}")
         else:
             log(f"[{config.defense}] {checkpoint.parent}: all {len(history)} epochs trained; evaluating")
+    recipe = Recipe(optimizer="adam", lr=config.lr, schedule="cosine")
+
+    def batches(epoch: int) -> list[torch.Tensor]:
+        # a fresh order from gen every epoch (its state is checkpointed); a batch of one scene is left out
+        return [idx for idx in torch.randperm(len(train), generator=gen).split(config.batch_size) if len(idx) >= 2]
+
+    def step(idx: torch.Tensor, stage: Stage) -> tuple[torch.Tensor, int, None]:
+        x = train.images[idx]
+        if defense is None:
+            h = x
+        else:
+            mask = regions[idx].long() if (defense.uses_mask and stage.use_labels) else None
+            h = defense.decode(defense.encode_batch(x, None, mask))
+        out = model(h)
+        tg = encode_targets([targets[j]["boxes"] for j in idx.tolist()], [targets[j]["labels"] for j in idx.tolist()], task.num_classes, out_hw)
+        loss = detection_loss(out, tg)
+        if defense is not None:
+            loss = loss + defense.penalty()
+        return loss, len(idx), None
+
+    def epoch_end(si: int, next_epoch: int, opt: torch.optim.Optimizer, rec: dict[str, Any]) -> None:
+        history.append(rec)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, defense, model, opt, gen, config, si, next_epoch, history)
+
     for si, (stage, epochs) in enumerate(zip(stages, counts)):
-        if epochs == 0 or si < start[0]:
+        if si < start[0]:
             continue
         first = start[1] if si == start[0] else 0
         params = list(model.parameters())
@@ -312,45 +342,13 @@ def fit(defense: nn.Module | None, model: nn.Module, task: DetectionTask, config
             if first == 0 and defense.uses_mask:
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + 1000 * si))
                 defense.setup(model, _SceneBatches(train.images, regions, order, config.batch_size))
-        opt = torch.optim.Adam(params, lr=config.lr)
-        steps = epochs * math.ceil(len(train) / config.batch_size)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor("cosine", s, steps))  # classification's cosine, per step
-        if first:  # mid-stage: Adam's moments and the learning rate it had reached, the schedule's position
+        opt = make_optimizer(params, recipe)
+        if first:  # mid-stage: Adam's moments
             opt.load_state_dict(opt_state)
-            sched.last_epoch = sched_step
-        for epoch in range(first, epochs):
-            t0, total, n = time.time(), 0.0, 0
-            model.train()
-            if defense is not None:
-                defense.train()
-            perm = torch.randperm(len(train), generator=gen)
-            for i in range(0, len(perm), config.batch_size):
-                idx = perm[i : i + config.batch_size]
-                if len(idx) < 2:
-                    continue
-                x = train.images[idx]
-                if defense is None:
-                    h = x
-                else:
-                    mask = regions[idx].long() if (defense.uses_mask and stage.use_labels) else None
-                    h = defense.decode(defense.encode_batch(x, None, mask))
-                out = model(h)
-                tg = encode_targets([targets[j]["boxes"] for j in idx.tolist()], [targets[j]["labels"] for j in idx.tolist()], task.num_classes, out_hw)
-                loss = detection_loss(out, tg)
-                if defense is not None:
-                    loss = loss + defense.penalty()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"training diverged (loss {float(loss)}); lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total, n = total + float(loss.detach()) * len(idx), n + len(idx)
-            rec = {"stage": None if stage is None else stage.name, "epoch": len(history) + 1, "loss": total / max(1, n), "seconds": round(time.time() - t0, 1)}
-            history.append(rec)
-            if checkpoint is not None:  # before the log line: whatever stops the run after it, this epoch is kept
-                _save_checkpoint(checkpoint, defense, model, opt, sched, gen, config, si, epoch + 1, history)
-            log(f"[{config.defense}] epoch {rec['epoch']}/{config.epochs} loss {rec['loss']:.4f} ({rec['seconds']}s)")
+        model.train()
+        client.train()
+        plan = StagePlan(config.defense, stage.name, si, len(stages), epochs, recipe.lr, recipe.schedule, first)
+        run_epochs(plan, opt, batches, functools.partial(step, stage=stage), log=log, on_epoch_end=epoch_end)
     return history
 
 

@@ -1,20 +1,21 @@
-"""The one training loop every defense runs through, and the one the compute engine trains with.
+"""Training on classification tasks: every defense runs through ``fit``, and so does the compute engine.
 
 ``fit`` takes either a :class:`~veil.data.tasks.Task` (clean records on the data owner's side: it walks
 the defense's stages; in each, the loss is the task loss on the server model's output for
 ``decode(encode(x, y or None))`` plus ``defense.penalty()``) or :class:`Messages` (records already
 encoded, as an untrusted engine receives them: the loss is the task loss on ``model(decode(m))``, with
 screening and FedProx's proximal term as options). A defense decides which of its parameters train
-(``set_stage``); it never brings a loop of its own.
+(``set_stage``); it never brings a loop of its own. ``fit`` walks the stages and says what a batch and its
+loss are; the epochs themselves run in the one epoch loop, :func:`veil.training.epochs.run_epochs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import sys
-import time
 from typing import Any, Callable
 
 import torch
@@ -24,13 +25,11 @@ from torch.nn import functional as F
 from veil.data.tasks import Split, Task
 from veil.defenses.base import Defense, Recipe, Stage
 from veil.noise import check_seed
+from veil.training.epochs import LR_SCHEDULES, EarlyStopping, StagePlan, run_epochs
+from veil.training.screening import Screening
 
 #: Most epochs any training may ask for: a typo such as 10000000000 would otherwise run for ever.
 MAX_EPOCHS = 10_000
-from veil.training.screening import Screening
-
-
-LR_SCHEDULES = ("constant", "cosine")
 
 #: Where training runs unless told otherwise. A runtime choice, not part of :class:`TrainConfig`: the config
 #: is checked when a run resumes, and a run started on one device may resume on another.
@@ -73,13 +72,6 @@ class OnDevice:
     def __iter__(self) -> Any:
         for batch in self.batches:
             yield [t.to(self.device) for t in batch]
-
-
-def lr_factor(schedule: str, step: int, total: int) -> float:
-    """Multiplier of the learning rate at ``step`` of ``total`` steps (0-based) under ``schedule``."""
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
-    return 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,38 +320,6 @@ def load_training_state(state: dict[str, torch.Tensor], defense: Defense, model:
         module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
-class EarlyStopping:
-    """Keeps the best validation accuracy's weights and says when ``patience`` epochs brought none better.
-
-    ``past``: the stage's records already run (a resume), whose ``val_acc`` and ``best`` flags it
-    replays; ``best_state``: the weights of the best of them (None: no weights kept yet, so the best so
-    far is the current one, which holds where the best epoch is the last one run).
-    """
-
-    def __init__(self, patience: int, past: list[dict[str, Any]], best_state: dict[str, torch.Tensor] | None) -> None:
-        self.patience, self.state = int(patience), best_state
-        self.best, self.best_epoch, self.epochs = -math.inf, 0, 0
-        for rec in past:
-            self.epochs += 1
-            if rec.get("val_acc_inference", -math.inf) > self.best:
-                self.best, self.best_epoch = rec["val_acc_inference"], self.epochs
-
-    def done(self) -> bool:
-        return self.epochs > 0 and self.epochs - self.best_epoch >= self.patience
-
-    def update(self, val_acc: float, defense: Defense, model: nn.Module) -> bool:
-        """Record one epoch; True (and its weights kept) if it is the best so far."""
-        self.epochs += 1
-        if val_acc > self.best:
-            self.best, self.best_epoch, self.state = val_acc, self.epochs, training_state(defense, model)
-            return True
-        return False
-
-    def restore(self, defense: Defense, model: nn.Module) -> None:
-        if self.state is not None:
-            load_training_state(self.state, defense, model)
-
-
 def fit(
     defense: Defense | None,
     model: nn.Module,
@@ -431,6 +391,36 @@ def fit(
         )
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     screen_gen = torch.Generator().manual_seed(config.seed + 17)  # screens: a fresh draw every batch
+
+    def batches(si: int, epoch: int) -> OnDevice:
+        seed = config.seed + 1000 * si + epoch  # a different but reproducible order every epoch, also after a resume
+        if engine:
+            return OnDevice(data.loader(config.batch_size, seed=seed), device)
+        secrets = defense.uses_secret  # batches (x, y, z or -1, [mask]) for a known-secret defense
+        train = known_secrets(data.train, defense.secret_fraction, config.seed) if secrets else data.train
+        return OnDevice(train.loader(config.batch_size, shuffle=True, seed=seed, with_secondary=secrets, with_mask=defense.uses_mask), device)
+
+    def step(batch: list[torch.Tensor], stage: Stage) -> tuple[torch.Tensor, int, int]:
+        x, y, *extra = batch
+        if engine:
+            m = screening(x, extra[0], screen_gen) if screening is not None else x
+            logits = model(defense.decode(m) if defense is not None else m)
+            loss = F.cross_entropy(logits, y)
+        else:
+            secret = extra.pop(0) if defense.uses_secret else None
+            loss, logits = train_step(defense, model, x, y, stage, extra[0] if extra else None, secret)
+        if anchor is not None:
+            loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
+        return loss, len(y), int((logits.argmax(1) == y).sum())
+
+    def validate(stage: Stage, early_stopping: bool) -> dict[str, float]:
+        scores = {"val_acc": accuracy(defense, model, data.val, use_labels=stage.use_labels)}
+        if early_stopping:
+            # chosen on the inference path (no label, no mask): a stage that hands labels to encode would
+            # otherwise pick by what hard selection reads back (scnl-private: 0.999 on mnist-lt5)
+            scores["val_acc_inference"] = scores["val_acc"] if not stage.use_labels else accuracy(defense, model, data.val, use_labels=False)
+        return scores
+
     history: list[dict[str, Any]] = []
     for si, (stage, n_epochs) in enumerate(zip(stages, counts)):
         if si < start[0]:
@@ -456,67 +446,13 @@ def fit(
         opt = make_optimizer(params, recipe)
         if first and optimizer_state:
             opt.load_state_dict(optimizer_state)
-        stopper = EarlyStopping(config.patience, [r for r in (past or []) if r.get("stage") == stage.name], best_state) if (
-            config.patience is not None and not engine and si == len(stages) - 1) else None
-        if stopper is not None and stopper.done():
-            log(f"[{name}] stage {stage.name}: no better validation accuracy in {config.patience} epoch(s); stopped (resumed after the decision)")
-            first = n_epochs
-        for epoch in range(first, n_epochs):
-            t0, total, correct, seen = time.time(), 0.0, 0, 0
-            # a different but reproducible order every epoch, also after a resume
-            seed = config.seed + 1000 * si + epoch
-            if engine:
-                loader = data.loader(config.batch_size, seed=seed)
-            else:
-                secrets = defense.uses_secret  # batches (x, y, z or -1, [mask]) for a known-secret defense
-                train = known_secrets(data.train, defense.secret_fraction, config.seed) if secrets else data.train
-                loader = train.loader(config.batch_size, shuffle=True, seed=seed, with_secondary=secrets, with_mask=defense.uses_mask)
-            steps = len(loader)
-            for i, (x, y, *extra) in enumerate(OnDevice(loader, device)):
-                for group in opt.param_groups:
-                    group["lr"] = recipe.lr * lr_factor(recipe.schedule, epoch * steps + i, n_epochs * steps)
-                if engine:
-                    m = screening(x, extra[0], screen_gen) if screening is not None else x
-                    logits = model(defense.decode(m) if defense is not None else m)
-                    loss = F.cross_entropy(logits, y)
-                else:
-                    secret = extra.pop(0) if secrets else None
-                    loss, logits = train_step(defense, model, x, y, stage, extra[0] if extra else None, secret)
-                if anchor is not None:
-                    loss = loss + proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} in stage {stage.name!r} of {name}, epoch {epoch + 1}; lower --lr or the knob")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-            rec = {"stage": stage.name, "epoch": epoch + 1, "loss": total / seen, "train_acc": correct / seen}
-            if not engine:
-                rec["val_acc"] = accuracy(defense, model, data.val, use_labels=stage.use_labels)
-            rec["seconds"] = round(time.time() - t0, 2)
-            if stopper is not None:
-                # chosen on the inference path (no label, no mask): a stage that hands labels to encode would
-                # otherwise pick by what hard selection reads back (scnl-private: 0.999 on mnist-lt5)
-                rec["val_acc_inference"] = rec["val_acc"] if not stage.use_labels else accuracy(defense, model, data.val, use_labels=False)
-                rec["best"] = stopper.update(rec["val_acc_inference"], defense, model)
-                if stopper.done() or epoch + 1 == n_epochs:
-                    rec["stopped"] = epoch + 1 < n_epochs
-            history.append(rec)
-            log(
-                f"[{name}] stage {stage.name} ({si + 1}/{len(stages)}) epoch {epoch + 1}/{n_epochs}: loss {rec['loss']:.4f}  train acc {rec['train_acc']:.4f}"
-                + (f"  val acc {rec['val_acc']:.4f}" if "val_acc" in rec else "") + ("  (best)" if rec.get("best") else "") + f"  ({rec['seconds']}s)"
-            )
-            if on_epoch_end is not None:
-                # at the stopping epoch this records the stage as complete, so a resume does not train it again
-                on_epoch_end(si, n_epochs if rec.get("stopped") else epoch + 1, opt, rec)
-            if rec.get("stopped"):
-                log(f"[{name}] stage {stage.name}: no better validation accuracy in {config.patience} epoch(s); stopped after epoch {epoch + 1} of {n_epochs}")
-                break
-        if stopper is not None:
-            stopper.restore(defense, model)
-            log(f"[{name}] kept the weights of epoch {stopper.best_epoch} (validation accuracy {stopper.best:.4f})")
+        stopper = EarlyStopping(
+            config.patience, [r for r in (past or []) if r.get("stage") == stage.name], best_state, metric="val_acc_inference",
+            what="validation accuracy", save=lambda: training_state(defense, model), load=lambda s: load_training_state(s, defense, model),
+        ) if config.patience is not None and not engine and si == len(stages) - 1 else None
+        plan = StagePlan(name, stage.name, si, len(stages), n_epochs, recipe.lr, recipe.schedule, first)
+        history += run_epochs(plan, opt, functools.partial(batches, si), functools.partial(step, stage=stage), log=log,
+                              validate=None if engine else functools.partial(validate, stage, stopper is not None), stopper=stopper, on_epoch_end=on_epoch_end)
     if defense is not None:
         defense.eval()
     model.eval()
