@@ -48,9 +48,8 @@ def test_keep_maps_take_the_top_share_of_each_record():
     assert keep_maps(faint, 1.0).tolist() == [[[[1.0, 1.0, 0.0, 0.0]]]]  # under 1% of the record's top: not kept
 
 
-def _bars_and_secret(seed: int = 0) -> Task:
-    """Left half of a 16x16 record: a bar whose row says y (4 classes). Right half: a bar whose row is the
-    secret z, independent of y."""
+def _toy_task(name: str, paint, seed: int = 0) -> Task:
+    """16x16 records of 4 primary and 4 secret classes, independent; ``paint(canvas, y, z)`` draws each."""
     gen = torch.Generator().manual_seed(seed)
 
     def split(n: int) -> Split:
@@ -58,11 +57,20 @@ def _bars_and_secret(seed: int = 0) -> Task:
         z = torch.randint(0, 4, (n,), generator=gen)
         x = torch.zeros(n, 1, 16, 16)
         for i in range(n):
-            x[i, 0, 4 * int(y[i]) : 4 * int(y[i]) + 4, 1:7] = 1.0
-            x[i, 0, 4 * int(z[i]) : 4 * int(z[i]) + 4, 9:15] = 1.0
+            paint(x[i, 0], int(y[i]), int(z[i]))
         return Split(x, y, z)
 
-    return Task("bars", split(512), split(128), split(256), num_primary=4, num_secondary=4)
+    return Task(name, split(512), split(128), split(256), num_primary=4, num_secondary=4)
+
+
+def _bars_and_secret(seed: int = 0) -> Task:
+    """Left half of a 16x16 record: a bar whose row says y. Right half: a bar whose row is the secret z."""
+
+    def paint(canvas, y, z):
+        canvas[4 * y : 4 * y + 4, 1:7] = 1.0
+        canvas[4 * z : 4 * z + 4, 9:15] = 1.0
+
+    return _toy_task("bars", paint, seed)
 
 
 def test_learns_from_y_alone_to_keep_the_task_and_close_the_secret():
@@ -117,21 +125,15 @@ def test_saliency_from_must_be_a_finished_none_run(tmp_path):
 
 
 def _bar_with_secret_beside(seed: int = 0) -> Task:
-    """A 16x16 record: a bar in rows 4y..4y+3, columns 1..8, says y (4 classes); right beside it, in the same
-    band (columns 10..13), one lit row 4y+z says the secret z. The task's saliency reaches the secret (it sits
-    in the band that says y), so selection from y alone keeps much of it."""
-    gen = torch.Generator().manual_seed(seed)
+    """A bar in rows 4y..4y+3, columns 1..8, says y; right beside it, in the same band (columns 10..13), one
+    lit row 4y+z says the secret z. The task's saliency reaches the secret (it sits in the band that says
+    y), so selection from y alone keeps much of it."""
 
-    def split(n: int) -> Split:
-        y = torch.randint(0, 4, (n,), generator=gen)
-        z = torch.randint(0, 4, (n,), generator=gen)
-        x = torch.zeros(n, 1, 16, 16)
-        for i in range(n):
-            x[i, 0, 4 * int(y[i]) : 4 * int(y[i]) + 4, 1:9] = 1.0
-            x[i, 0, 4 * int(y[i]) + int(z[i]), 10:14] = 1.0
-        return Split(x, y, z)
+    def paint(canvas, y, z):
+        canvas[4 * y : 4 * y + 4, 1:9] = 1.0
+        canvas[4 * y + z, 10:14] = 1.0
 
-    return Task("bar-secret", split(512), split(128), split(256), num_primary=4, num_secondary=4)
+    return _toy_task("bar-secret", paint, seed)
 
 
 def _secret_ink_kept(name: str, **options) -> tuple[float, float]:

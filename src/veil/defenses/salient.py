@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -97,22 +97,28 @@ def keep_maps(saliency: torch.Tensor, keep: float) -> torch.Tensor:
     return ((flat >= threshold) & (flat > floor)).view_as(saliency).to(saliency.dtype)
 
 
-def train_reference(model: nn.Module, batches: Any, epochs: int, lr: float = 1e-3) -> nn.Module:
-    """A copy of the server model trained on the clean ``batches`` of (x, y) (the data owner's reference),
-    frozen, in eval mode. The model passed in is left as it was."""
-    ref = copy.deepcopy(model)
-    ref.train()
-    opt = torch.optim.Adam(ref.parameters(), lr=lr)
+def fit_frozen(net: nn.Module, passes: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], epochs: int, *, lr: float,
+               weight_decay: float = 0.0) -> nn.Module:
+    """``net`` trained by Adam on the cross-entropy of the (input, label) batches ``passes()`` yields, once
+    per epoch; returned frozen, in eval mode (the data owner's models that only ``setup`` uses)."""
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
     for _ in range(epochs):
-        for batch in batches:
-            loss = F.cross_entropy(ref(batch[0]), batch[1])
+        for x, target in passes():
+            loss = F.cross_entropy(net(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    ref.eval()
-    for p in ref.parameters():
+    net.eval()
+    for p in net.parameters():
         p.requires_grad_(False)
-    return ref
+    return net
+
+
+def train_reference(model: nn.Module, batches: Any, epochs: int, lr: float = 1e-3) -> nn.Module:
+    """A copy of the server model trained on the clean ``batches`` of (x, y) (the data owner's reference),
+    frozen, in eval mode. The model passed in is left as it was."""
+    return fit_frozen(copy.deepcopy(model), lambda: ((b[0], b[1]) for b in batches), epochs, lr=lr)
 
 
 class SalientSelection(FillsRegion, Defense):
@@ -237,23 +243,12 @@ def train_secret_model(x: torch.Tensor, z: torch.Tensor, classes: int, epochs: i
     """A reader of the secret (:class:`veil.layers.gates.ObjectReader`) trained on the clean records ``x``
     whose secret ``z`` the data owner knows, with random shifts of up to ``max_shift`` pixels; frozen, in
     eval mode."""
-    net = ObjectReader(x.shape[1], classes, width).to(x.device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), device=x.device)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            if len(idx) < 2:  # batch norm needs two records
-                continue
-            loss = F.cross_entropy(net(shifted(x[idx], max_shift)), z[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+
+    def shuffled() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        order = torch.randperm(len(x), device=x.device).split(batch_size)
+        return ((shifted(x[i], max_shift), z[i]) for i in order if len(i) >= 2)  # batch norm needs two records
+
+    return fit_frozen(ObjectReader(x.shape[1], classes, width).to(x.device), shuffled, epochs, lr=lr, weight_decay=1e-4)
 
 
 class SalientSelectionSecret(SalientSelection):
