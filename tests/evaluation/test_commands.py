@@ -34,8 +34,9 @@ def invoke(args):
 def test_evaluate_writes_privacy_json(tmp_path):
     run = tmp_path / "run"
     invoke(["train", "--task", "digits-lt5", "--defense", "gaussian", "--lambda", "0.5", "--epochs", "1", "--train-size", "300", "--out", run])
-    invoke(["evaluate", run, *TINY])
+    invoke(["evaluate", run, *TINY, "--attack-val-size", "50"])
     p = json.loads((run / "privacy.json").read_text())
+    assert p["evaluation_config"]["attack"]["val_size"] == 50 and p["attack"]["inference"]["val_records"] == 50
     for key in ("primary_acc", "label_readback_training_exposure", "attack_acc", "attack_acc_training", "attack_acc_training_time",
                 "majority_floor", "primary_only_floor", "averaging_attack_acc", "client_flops_share", "mi", "reconstruction",
                 "evaluation_config", "attacker_records", "under_trained_exposures"):

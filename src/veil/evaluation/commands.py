@@ -26,6 +26,7 @@ _PATIENCE = config_option(AttackConfig, "patience", "--patience", min=1, help="A
 _MIN_EPOCHS = config_option(AttackConfig, "min_epochs", "--attack-min-epochs", min=0, help="Attackers never stop before this epoch (capped at --attack-epochs): noisy messages can look unreadable for a few epochs before an attacker starts to read them.")
 _ATTACK_TRAIN = config_option(AttackConfig, "train_size", "--attack-train-size", min=2, help="Obfuscated training records the attacker uses, disjoint from the defense's (default: as many as the defense trained on, where that many exist).")
 _ATTACK_TEST = config_option(AttackConfig, "test_size", "--attack-test-size", min=2, help="Obfuscated test records scored by the attacks (default: the whole test split).")
+_ATTACK_VAL = config_option(AttackConfig, "val_size", "--attack-val-size", min=2, help="Obfuscated validation records the attackers early-stop on (default: the whole validation split; the benchmarks use 500).")
 _ATTACK_WIDTH = config_option(AttackConfig, "width", "--attack-width", min=1, help="Channels of the CNN attackers' first layer (doubling per block).")
 _RECON_WIDTH = config_option(ReconstructionConfig, "width", "--recon-width", min=1, help="Channels of the reconstruction decoder.")
 _ATTACKERS = typer.Option(",".join(config_default(AttackConfig, "attackers")), "--attackers", help="Comma-separated attacker architectures: linear, mlp, mlp-bn, cnn, cnn-bn (CNNs only for image-shaped messages), server (the run's own server model).")
@@ -60,6 +61,7 @@ def build_eval_config(
     patience: int,
     attack_train_size: Optional[int],
     attack_test_size: Optional[int],
+    attack_val_size: Optional[int] = None,
     attack_min_epochs: int = config_default(AttackConfig, "min_epochs"),
     attack_width: int,
     attackers: str,
@@ -79,7 +81,7 @@ def build_eval_config(
 
     attack = AttackConfig(
         attackers=_split(attackers, "--attackers"), epochs=attack_epochs, patience=patience, min_epochs=attack_min_epochs, train_size=attack_train_size,
-        test_size=attack_test_size, width=attack_width, views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
+        test_size=attack_test_size, val_size=attack_val_size, width=attack_width, views=views, averaging_k=averaging_k, exposures=_split(exposures, "--exposures"), seed=eval_seed,
         device=attack_device,
     )
     recon = None if recon_epochs == 0 else ReconstructionConfig(
@@ -115,6 +117,7 @@ def evaluate_cmd(
     attack_min_epochs: int = _MIN_EPOCHS,
     attack_train_size: Optional[int] = _ATTACK_TRAIN,
     attack_test_size: Optional[int] = _ATTACK_TEST,
+    attack_val_size: Optional[int] = _ATTACK_VAL,
     attack_width: int = _ATTACK_WIDTH,
     attackers: str = _ATTACKERS,
     views: int = _VIEWS,
@@ -141,7 +144,7 @@ def evaluate_cmd(
 
     try:
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_min_epochs=attack_min_epochs, attack_train_size=attack_train_size, attackers=attackers,
-                                   attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
+                                   attack_test_size=attack_test_size, attack_val_size=attack_val_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
         # The strong preset's options are checked whatever --strength says: a bad value is refused, never ignored.
@@ -177,6 +180,7 @@ def sweep_cmd(
     attack_min_epochs: int = _MIN_EPOCHS,
     attack_train_size: Optional[int] = _ATTACK_TRAIN,
     attack_test_size: Optional[int] = _ATTACK_TEST,
+    attack_val_size: Optional[int] = _ATTACK_VAL,
     attack_width: int = _ATTACK_WIDTH,
     attackers: str = _ATTACKERS,
     views: int = _VIEWS,
@@ -196,7 +200,7 @@ def sweep_cmd(
 
     try:
         config = build_eval_config(attack_epochs=attack_epochs, patience=patience, attack_min_epochs=attack_min_epochs, attack_train_size=attack_train_size, attackers=attackers,
-                                   attack_test_size=attack_test_size, attack_width=attack_width, recon_width=recon_width,
+                                   attack_test_size=attack_test_size, attack_val_size=attack_val_size, attack_width=attack_width, recon_width=recon_width,
                                    views=views, averaging_k=averaging_k, exposures=exposures, recon_epochs=recon_epochs, mi_dims=mi_dims,
                                    mi_k=mi_k, mi_samples=mi_samples, eval_seed=eval_seed, attack_device=attack_device)
         train = {"epochs": epochs, "train_size": train_size, "model": model, "batch_size": batch_size, "lr": lr, "seed": seed,
