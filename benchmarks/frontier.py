@@ -76,7 +76,7 @@ KNOBS: dict[str, list[float | None]] = {
     "svd": [0.3, 0.1],
 }
 #: veil's own defenses (the SCNL family), for "veil's best defense" in the summary.
-VEIL = ("scnl", "scnl-private", "scnl-adaptive", "scnl-joint", "scnl-twostage", "scnl-region", "scnl-gate", "scnl-gate-z", "select-salient")
+VEIL = ("scnl", "scnl-private", "scnl-adaptive", "scnl-joint", "scnl-twostage", "scnl-region", "scnl-gate", "scnl-gate-z", "select-salient", "select-salient-z")
 
 
 def log(msg: str) -> None:
