@@ -103,8 +103,8 @@ class ObjectReader(nn.Module):
         return self.net(x)
 
 
-def shifted(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def shifted(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     """``x`` (B, C, H, W) rolled by one random (dy, dx) in [-max_shift, max_shift]^2 (wrapping round): the
     augmentation that teaches a reader of small objects that where the object sits does not matter."""
-    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,)))
     return torch.roll(x, (dy, dx), (2, 3))
