@@ -159,9 +159,11 @@ def test_evaluate_strong_writes_the_new_attacks_and_their_grid(tmp_path):
     run = tmp_path / "run"
     invoke(["train", "--task", "digits-lt5", "--defense", "gaussian", "--lambda", "0.3", "--epochs", "1", "--train-size", "300", "--out", run])
     invoke(["evaluate", run, *TINY, "--exposures", "inference", "--strength", "strong", "--prior-epochs", "1", "--inversion-records", "16",
-            "--inversion-steps", "20", "--fisher-records", "2"])
+            "--inversion-steps", "20", "--fisher-records", "2", "--reader-cache", tmp_path / "readers"])
     p = json.loads((run / "privacy.json").read_text())
     assert p["evaluation_config"]["strength"] == "strong" and p["evaluation_config"]["attack"]["width"] >= 64
+    assert p["evaluation_config"]["reader_cache"] == str(tmp_path / "readers") and len(list((tmp_path / "readers").glob("secret-reader-*.safetensors"))) == 1
+    assert p["reconstruction"]["secret"]["from_cache"] is False
     assert {"cnn", "cnn-bn", "server"} <= set(p["attack"]["inference"]["attackers"])  # every architecture, at the strong width
     assert p["inversion"]["path"] == "gaussian-likelihood" and p["inversion"]["test_records"] == 16
     assert p["reconstruction_prior"]["prior"]["transferred"] == "all"
@@ -177,8 +179,11 @@ def test_evaluate_strong_writes_the_new_attacks_and_their_grid(tmp_path):
     assert "inversion" not in p and "strength" not in p["evaluation_config"] and not (run / "attacks.png").exists()
 
 
-def test_evaluate_refuses_an_unknown_strength(tmp_path):
+def test_evaluate_refuses_an_unknown_strength_and_a_reader_cache_that_is_a_file(tmp_path):
     run = tmp_path / "run"
     invoke(["train", "--task", "digits-lt5", "--defense", "none", "--epochs", "1", "--train-size", "300", "--out", run])
     result = runner.invoke(app, ["evaluate", str(run), "--strength", "huge"])
     assert result.exit_code == 2 and "--strength must be standard or strong" in flat(result.output)
+    (tmp_path / "file").write_text("x")
+    result = runner.invoke(app, ["evaluate", str(run), "--strength", "strong", "--reader-cache", str(tmp_path / "file")])
+    assert result.exit_code != 0 and "file" in flat(result.output) and not (run / "privacy.json").exists()

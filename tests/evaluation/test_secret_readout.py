@@ -3,6 +3,8 @@ clear, and reads nothing from what it recovers through pure noise."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from veil.defenses import create_defense
@@ -31,3 +33,27 @@ def test_nothing_is_read_from_records_recovered_through_pure_noise(digits, reade
     noise = create_defense("gaussian", input_shape=digits.input_shape, num_classes=2, sigma=100.0)
     _, te, _, est = inversion_attack(noise, digits, INV, log=QUIET)
     assert reader.read(est, te.z)["acc"] < 0.3
+
+
+def test_a_cached_reader_is_reused_only_for_the_same_records_and_settings(digits, tmp_path):
+    lines: list[str] = []
+    config = AttackConfig(epochs=2, patience=2, min_epochs=0)
+    first = train_secret_reader(digits, config, architectures=("mlp",), cache_dir=tmp_path, log=lines.append)
+    assert not first.from_cache and len(list(tmp_path.glob("secret-reader-*.safetensors"))) == 1
+    again = train_secret_reader(digits, config, architectures=("mlp",), cache_dir=tmp_path, log=lines.append)
+    assert again.from_cache and again.clean_val_acc == first.clean_val_acc and any("loaded mlp" in s for s in lines)
+    x = digits.test.x[:64]
+    assert (again.model(x, None).argmax(1) == first.model(x, None).argmax(1)).all()
+    other = train_secret_reader(digits, AttackConfig(epochs=2, patience=2, min_epochs=0, seed=1), architectures=("mlp",), cache_dir=tmp_path, log=QUIET)
+    assert not other.from_cache and len(list(tmp_path.glob("secret-reader-*.safetensors"))) == 2
+
+
+def test_a_cached_reader_that_does_not_check_out_is_trained_again(digits, tmp_path):
+    config = AttackConfig(epochs=2, patience=2, min_epochs=0)
+    train_secret_reader(digits, config, architectures=("mlp",), cache_dir=tmp_path, log=QUIET)
+    meta = next(tmp_path.glob("secret-reader-*.json"))
+    record = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**record, "clean_val_acc": record["clean_val_acc"] - 0.2}))  # weights that do not score what was recorded
+    lines: list[str] = []
+    assert not train_secret_reader(digits, config, architectures=("mlp",), cache_dir=tmp_path, log=lines.append).from_cache
+    assert any("training again" in s for s in lines)

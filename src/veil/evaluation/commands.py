@@ -6,6 +6,7 @@ from the config dataclasses (``AttackConfig``, ``ReconstructionConfig``, ``MICon
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -45,6 +46,11 @@ _INV_STEPS = config_option(InversionConfig, "steps", "--inversion-steps", min=1,
 _INV_RESTARTS = config_option(InversionConfig, "restarts", "--inversion-restarts", min=1, help="Strong preset: restarts per record (the mean record, then random ones).")
 _INV_CAP = config_option(InversionConfig, "time_cap", "--inversion-time-cap", min=1.0, help="Strong preset: seconds for the whole inversion (tuning of its prior included).")
 _FISHER_RECORDS = config_option(FisherConfig, "records", "--fisher-records", min=1, help="Strong preset: test records the Fisher bound is computed on (one Jacobian each).")
+_READER_CACHE = typer.Option(
+    None, "--reader-cache", file_okay=False,
+    help="Strong preset: keep the clean secret-readout classifiers in this folder and reuse them for later evaluations of the same task "
+         "(same clean records and attack settings, checked by a hash; they do not depend on the defense).",
+)
 _ATTACK_DEVICE = config_option(AttackConfig, "device", "--attack-device", help="Where the attackers train: cpu, cuda, cuda:N or auto (cuda when available).")
 
 
@@ -137,6 +143,7 @@ def evaluate_cmd(
     inversion_restarts: int = _INV_RESTARTS,
     inversion_time_cap: float = _INV_CAP,
     fisher_records: int = _FISHER_RECORDS,
+    reader_cache: Optional[Path] = _READER_CACHE,
 ) -> None:
     """Attack a trained run: attribute inference (several retrained attackers, both exposures), MI, reconstruction
     (``--strength strong``: also inversion through the known client, a decoder with a prior, the Fisher bound)."""
@@ -157,6 +164,10 @@ def evaluate_cmd(
             config = strong_preset(config, prior_epochs=prior_epochs, inversion=inversion, fisher=fisher)
         elif strength != "standard":
             raise ValueError(f"--strength must be standard or strong, got {strength!r}")
+        if reader_cache is not None:
+            if reader_cache.exists() and not reader_cache.is_dir():
+                raise ValueError(f"--reader-cache {reader_cache}: not a folder")
+            config = dataclasses.replace(config, reader_cache=str(reader_cache))
         result = evaluate_run(run, config)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)

@@ -78,6 +78,8 @@ class EvalConfig:
         secret_readout: Read the secret from every reconstruction attack's records with a classifier trained
             on clean records (:mod:`veil.evaluation.secret_readout`).
         strength: ``standard`` or ``strong`` (:func:`strong_preset`), recorded.
+        reader_cache: Folder where the secret-readout classifiers are kept and reused across evaluations of
+            one task (:func:`veil.evaluation.secret_readout.train_secret_reader`); ``None``: trained each time.
     """
 
     attack: AttackConfig = dataclasses.field(default_factory=AttackConfig)
@@ -88,6 +90,7 @@ class EvalConfig:
     fisher: FisherConfig | None = None
     secret_readout: bool = False
     strength: str = "standard"
+    reader_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.strength not in STRENGTHS:
@@ -110,6 +113,8 @@ class EvalConfig:
                 "secret_readout": self.secret_readout,
                 "strength": self.strength,
             })
+        if self.reader_cache is not None:
+            out["reader_cache"] = self.reader_cache
         return out
 
 
@@ -225,7 +230,7 @@ def _reconstruction_attacks(defense: Any, task: Task, config: EvalConfig, run: P
     if config.secret_readout and (config.reconstruction or config.prior or config.inversion):
         from veil.evaluation.secret_readout import train_secret_reader
 
-        reader = train_secret_reader(task, config.attack, log=log)
+        reader = train_secret_reader(task, config.attack, cache_dir=config.reader_cache, log=log)
     out: dict[str, Any] = {"reconstruction": None}
     rows: list[tuple[str, Any]] = []
     if config.reconstruction is not None:
