@@ -44,6 +44,8 @@ def test_a_cached_reader_is_reused_only_for_the_same_records_and_settings(digits
     assert again.from_cache and again.clean_val_acc == first.clean_val_acc and any("loaded mlp" in s for s in lines)
     x = digits.test.x[:64]
     assert (again.model(x, None).argmax(1) == first.model(x, None).argmax(1)).all()
+    other_attack = AttackConfig(epochs=2, patience=2, min_epochs=0, attackers=("linear",), views=1, exposures=("inference",))
+    assert train_secret_reader(digits, other_attack, architectures=("mlp",), cache_dir=tmp_path, log=QUIET).from_cache  # settings the readers never see
     other = train_secret_reader(digits, AttackConfig(epochs=2, patience=2, min_epochs=0, seed=1), architectures=("mlp",), cache_dir=tmp_path, log=QUIET)
     assert not other.from_cache and len(list(tmp_path.glob("secret-reader-*.safetensors"))) == 2
 

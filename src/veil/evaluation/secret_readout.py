@@ -93,16 +93,21 @@ def train_secret_reader(
     return best
 
 
+#: Attack settings the secret readers do not depend on (they train on one clean view of the attack's
+#: training records, whatever attackers, exposures, views or test records the attribute attack uses).
+_NOT_READER_SETTINGS = ("device", "attackers", "exposures", "views", "averaging_k", "test_size")
+
+
 def reader_key(
     x_train: torch.Tensor, z_train: torch.Tensor, x_val: torch.Tensor, z_val: torch.Tensor, num_classes: int, config: AttackConfig, architectures: tuple[str, ...]
 ) -> str:
     """Hash of everything the secret classifiers depend on: the clean records and labels, the number of
-    secret classes, the attack settings (all but where they run) and the architectures tried."""
+    secret classes, the attack settings that reach them and the architectures tried."""
     h = hashlib.sha256()
     for t in (x_train, z_train, x_val, z_val):
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    settings = {k: v for k, v in config.to_dict().items() if k != "device"}
+    settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_READER_SETTINGS}
     h.update(json.dumps({"settings": settings, "classes": num_classes, "architectures": list(architectures), "torch": torch.__version__}, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
