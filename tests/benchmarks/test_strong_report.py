@@ -36,3 +36,13 @@ def test_table_compares_standard_and_strong(tmp_path, capsys):
 def test_refuses_a_point_without_a_standard_evaluation(tmp_path):
     with pytest.raises(SystemExit, match="NAME=STANDARD_RUN"):
         report.main([str(tmp_path / "out"), f"x={tmp_path}"])
+
+
+def test_a_point_with_no_standard_evaluation_reports_the_strong_one_alone(tmp_path):
+    out = tmp_path / "strong"
+    write_json(out / "none" / "privacy.json", _privacy(0.79, 0.93, secret_from_inversion_acc=0.95, inversion={"psnr": 41.0}))
+    report.main([str(out), "none=-", "later=-"])
+    row, later = list(csv.DictReader(open(out / "strong.csv")))
+    assert row["primary"] == "0.79" and row["strong_attack"] == "0.95" and row["inversion_psnr"] == "41.0"
+    assert row["standard_attack"] == "" and row["rise"] == "" and row["private_strong"] == "False"
+    assert later["strong_which"] == "not finished"
