@@ -238,7 +238,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             oracle = max((r for r in group if base(r["defense"]) == "redact-oracle"), key=lambda r: r["primary_acc"], default=None)
             baseline = max((r for r in (local, redact) if r is not None), key=lambda r: r["primary_acc"], default=None)
             veil = best(lambda r: base(r["defense"]) in VEIL)
-            veil_y = best(lambda r: base(r["defense"]) in VEIL and "mask" not in uses(r))
+            veil_y = best(lambda r: base(r["defense"]) in VEIL and uses(r) == "y")  # neither masks nor known secrets
             peer = best(lambda r: base(r["defense"]) not in VEIL + NOT_PEERS)
 
             def gap(row: dict[str, Any] | None, against: dict[str, Any] | None) -> float | None:
@@ -389,7 +389,7 @@ def write_report(out: Path, command: str, settings: dict[str, Any]) -> dict[str,
         f"messages, averaged copies). 'Gap closed' = (veil - baseline) / (none - baseline) for veil's best defense whose "
         f"attack is within {MARGIN:g} of the floor, where baseline = the better of the best `local` (every on-device "
         "architecture tried, distilled or not) and the best `redact` (where the task has masks), each within the same margin; "
-        "'from y alone' = veil's best defense that uses no masks, against `local`. 'uses' = what the client learnt from.\n\n",
+        "'from y alone' = veil's best defense that learns from y only (no masks, no known secrets), against `local`. 'uses' = what the client learnt from.\n\n",
     ]
     if figure:
         text.append("![frontier](frontier.png)\n\n")

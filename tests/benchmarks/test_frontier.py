@@ -52,10 +52,11 @@ def test_gap_is_closed_over_the_best_baseline_and_mask_users_are_kept_apart(fron
         row("redact-oracle", 0.81, 0.10),  # the bound: neither baseline nor peer
         row("scnl-region[box=14]", 0.78, 0.12, knob=0.1),  # uses masks: judged against redaction
         row("scnl", 0.72, 0.13, knob=10.0),  # y alone: judged against local
+        row("select-salient-z", 0.76, 0.12, knob=0.4),  # y and known secrets: not 'from y alone'
     ]
     (s,) = frontier.summarise(rows)
     assert s["local_best"] == "local[arch=dsconv]" and s["redact_best"] == "redact[box=14]" and s["baseline"] == "redact[box=14]"
-    assert s["veil_best"] == "scnl-region[box=14] 0.1" and s["veil_uses"] == "y,mask"
+    assert s["veil_best"] == "scnl-region[box=14] 0.1" and s["veil_uses"] == "y,mask"  # (the best of every veil row)
     assert s["gap_closed"] == pytest.approx((0.78 - 0.75) / (0.80 - 0.75))
     assert s["veil_y_best"] == "scnl 10" and s["gap_closed_y"] == pytest.approx((0.72 - 0.70) / (0.80 - 0.70))
     assert s["peer_best"] is None and s["oracle_primary"] == 0.81
