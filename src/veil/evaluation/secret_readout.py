@@ -72,11 +72,9 @@ def train_secret_reader(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     tr, va, _ = attacker_splits(task, config.train_size, config.val_size, config.seed)
-    key = reader_key(tr.x, tr.z, va.x, va.z, task.num_secondary, config, architectures) if cache_dir is not None else ""
-    if cache_dir is not None:
-        cached = _load_reader(Path(cache_dir), key, tr.x, va.x, va.z, task.num_secondary, config, log)
-        if cached is not None:
-            return cached
+    folder, key = (Path(cache_dir), reader_key(tr.x, tr.z, va.x, va.z, task.num_secondary, config, architectures)) if cache_dir is not None else (None, "")
+    if folder is not None and (cached := _load_reader(folder, key, tr.x, va.x, va.z, task.num_secondary, config, log)) is not None:
+        return cached
     log(f"[secret-readout] training secret classifiers {list(architectures)} on {len(tr)} clean records")
     best: SecretReader | None = None
     for name in architectures:
@@ -84,8 +82,7 @@ def train_secret_reader(
         if best is None or rec["val_acc"] > best.clean_val_acc:
             best = SecretReader(model, name, rec["val_acc"])
     assert best is not None
-    if cache_dir is not None:
-        folder = Path(cache_dir)
+    if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         save_weights(folder / f"secret-reader-{key}.safetensors", best.model.state_dict())
         write_json(folder / f"secret-reader-{key}.json", {"key": key, "architecture": best.architecture, "clean_val_acc": best.clean_val_acc})
