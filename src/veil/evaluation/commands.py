@@ -164,9 +164,7 @@ def evaluate_cmd(
             config = strong_preset(config, prior_epochs=prior_epochs, inversion=inversion, fisher=fisher)
         elif strength != "standard":
             raise ValueError(f"--strength must be standard or strong, got {strength!r}")
-        if reader_cache is not None:
-            if reader_cache.exists() and not reader_cache.is_dir():
-                raise ValueError(f"--reader-cache {reader_cache}: not a folder")
+        if reader_cache is not None:  # a file given as the folder is refused by the option itself (file_okay=False)
             config = dataclasses.replace(config, reader_cache=str(reader_cache))
         result = evaluate_run(run, config)
     except (ValueError, FileNotFoundError) as err:
