@@ -7,7 +7,7 @@ import torch
 
 from veil.data import load_task
 from veil.defenses import create_defense
-from veil.defenses.redact import grow_region, redact
+from veil.defenses.redact import grow_region, inpaint, redact
 from veil.training.loop import OnDevice
 
 
@@ -33,13 +33,37 @@ def test_the_oracle_blanks_exactly_the_true_region_and_nothing_with_an_empty_mas
 
 def test_fills_touch_only_the_region():
     x, m = torch.rand(2, 1, 8, 8), box_mask(2)
-    for fill in ("zero", "noise", "blur"):
+    for fill in ("zero", "noise", "blur", "inpaint"):
         out = redact(x, m, fill)
         assert torch.equal(out[~m.bool()], x[~m.bool()]), fill
         assert not torch.equal(out[m.bool()], x[m.bool()]), fill
     with pytest.raises(ValueError, match="fill"):
         redact(x, m, "paint")
     assert torch.equal(grow_region(m, 0), m)
+
+
+def test_inpaint_fills_from_the_open_pixels_around_and_never_from_the_closed_ones():
+    m = box_mask(2)
+    # a constant record is filled with that constant, even deep inside a closed region
+    flat = torch.full((2, 1, 8, 8), 0.7)
+    assert torch.allclose(redact(flat, m, "inpaint"), flat)
+    # what is drawn inside the closed region (strokes over the content) does not reach the message
+    x = torch.rand(2, 1, 8, 8)
+    drawn = x.clone()
+    drawn[m.bool()] = 5.0
+    assert torch.equal(redact(x, m, "inpaint"), redact(drawn, m, "inpaint"))
+    # a closed pixel takes the mean of its open 3x3 neighbours where it has some
+    ramp = torch.arange(64.0).view(1, 1, 8, 8)
+    one = torch.zeros(1, 1, 8, 8)
+    one[0, 0, 4, 4] = 1
+    assert float(redact(ramp, one, "inpaint")[0, 0, 4, 4]) == pytest.approx(float(ramp[0, 0, 3:6, 3:6].sum() - 36) / 8)
+    # a pixel farther from any open pixel than the largest window takes its record's open mean; an all-closed
+    # record becomes 0
+    big = torch.ones(1, 1, 80, 80)
+    big[0, 0, 0, 0] = 0
+    field = torch.rand(1, 1, 80, 80)
+    assert float(inpaint(field, big)[0, 0, 79, 79]) == pytest.approx(float(field[0, 0, 0, 0]))
+    assert torch.equal(inpaint(field, torch.ones_like(field)), torch.zeros_like(field))
 
 
 def test_redact_blanks_what_its_locator_finds_and_the_locator_learns_the_masks():

@@ -27,18 +27,23 @@ from veil.defenses.base import Defense, Stage
 from veil.layers.learning_rate import scale_learning_rate
 from veil.layers.selection import PixelSelection, best_box, check_region_mask, train_pixel_selector
 
-FILLS = ("zero", "noise", "blur")
+FILLS = ("zero", "noise", "blur", "inpaint")
 #: The locator's cross-entropy weights (content, sensitive), as the region defenses': it errs toward hiding.
 LOCATOR_CE_WEIGHT = (1.0, 4.0)
 #: Side of the box blur of ``fill="blur"`` (pixels).
 BLUR_SIDE = 9
+#: Window sides of ``fill="inpaint"``, tried in turn until every closed pixel has open pixels around it.
+INPAINT_SIDES = (3, 5, 9, 17, 33)
 
 
 def redact(x: torch.Tensor, region: torch.Tensor, fill: str) -> torch.Tensor:
     """``(1 - region) * x + region * fill(x)``: x (B, C, H, W), region (B, 1, H, W) in [0, 1].
 
     ``zero``: the region becomes 0; ``noise``: standard Gaussian noise (fresh each call, from torch's
-    generator, which the deployment path fills from the OS); ``blur``: a box blur of side ``BLUR_SIDE``.
+    generator, which the deployment path fills from the OS); ``blur``: a box blur of side ``BLUR_SIDE``;
+    ``inpaint``: each closed pixel becomes the mean of the open pixels around it (``inpaint``), so that
+    what is drawn over the content is replaced by the content around it and the fill carries nothing of the
+    closed pixels themselves.
     """
     if fill == "zero":
         filler = torch.zeros_like(x)
@@ -46,9 +51,34 @@ def redact(x: torch.Tensor, region: torch.Tensor, fill: str) -> torch.Tensor:
         filler = torch.randn_like(x)
     elif fill == "blur":
         filler = F.avg_pool2d(x, BLUR_SIDE, stride=1, padding=BLUR_SIDE // 2, count_include_pad=False)
+    elif fill == "inpaint":
+        filler = inpaint(x, region)
     else:
         raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     return (1 - region) * x + region * filler
+
+
+def inpaint(x: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Every pixel's open-weighted local mean: ``pool(x * open) / pool(open)``, ``open = 1 - region``.
+
+    Normalized convolution with square windows of the sides in ``INPAINT_SIDES``: a pixel takes the
+    smallest window that holds some open weight; a pixel with none even in the largest takes the mean of
+    its record's open pixels (0 where the whole record is closed). The result depends on ``x`` only through
+    ``x * open``: a fully closed pixel's own value never reaches any fill.
+    """
+    open_ = 1 - region
+    xo = x * open_
+    filler = torch.zeros_like(x)
+    done = torch.zeros_like(open_)
+    for side in INPAINT_SIDES:
+        weight = F.avg_pool2d(open_, side, stride=1, padding=side // 2, count_include_pad=False)
+        mean = F.avg_pool2d(xo, side, stride=1, padding=side // 2, count_include_pad=False) / weight.clamp(min=1e-6)
+        take = (weight > 1e-6).to(x.dtype) * (1 - done)
+        filler = filler + take * mean
+        done = done + take
+    total = open_.sum(dim=(2, 3), keepdim=True)
+    record_mean = xo.sum(dim=(2, 3), keepdim=True) / total.clamp(min=1e-6)
+    return filler + (1 - done) * record_mean
 
 
 def grow_region(region: torch.Tensor, pixels: int) -> torch.Tensor:
@@ -94,7 +124,7 @@ class Redaction(FillsRegion, Defense):
 
     Args:
         locator_width: The locator's channels (what ``--client-budget`` sets).
-        fill: ``zero``, ``noise`` or ``blur``.
+        fill: ``zero``, ``noise``, ``blur`` or ``inpaint`` (the mean of the open pixels around it).
         grow: Pixels by which the located region is grown.
         box: Side of the sensitive region where it is one square box per record (0: per pixel).
         locator_epochs: Passes in which the locator alone learns the masks at the start of training.

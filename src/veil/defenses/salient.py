@@ -127,7 +127,7 @@ class SalientSelection(FillsRegion, Defense):
     Args:
         keep: Share of each record's pixels the keep maps open (the knob; smaller = more private).
         selector_width: The selector's channels (what ``--client-budget`` sets).
-        fill: What a closed pixel shows: ``zero``, ``noise`` (fresh Gaussian noise) or ``blur``.
+        fill: What a closed pixel shows: ``zero``, ``noise`` (fresh Gaussian noise), ``blur`` or ``inpaint`` (the open pixels around it).
         keep_box: Where the task's content is one square object of known side, keep the best box of that
             side by the selector's scores instead of a per-pixel map (0: per pixel).
         saliency_from: A finished ``none`` run folder whose server model is the reference. Without it,
