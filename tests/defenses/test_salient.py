@@ -9,7 +9,7 @@ from veil.data.tasks import Split, Task
 from veil.defenses import create_defense
 from veil.defenses.salient import keep_maps, occlusion_saliency
 from veil.models import create_model
-from veil.training.loop import TrainConfig, fit
+from veil.training.loop import TrainConfig, fit, known_secrets
 
 
 class _LeftReader(nn.Module):
@@ -158,6 +158,30 @@ def test_known_secrets_close_what_selection_from_y_keeps():
     assert plain > 0.5, f"the toy task should make y-only selection keep the secret (kept {plain:.2f})"
     assert known < 0.2 and known < plain / 3, f"known secrets did not close the secret: {known:.2f} kept vs {plain:.2f}"
     assert known_acc > 0.9 and plain_acc > 0.9
+
+
+def test_without_task_selection_only_what_the_secret_model_reads_is_closed(monkeypatch):
+    """task_selection=False: the keep map starts from the whole record (no reference is built) and loses only
+    the pixels the known-secret model reads: the secret's ink closes, the rest mostly stays as it is."""
+    torch.manual_seed(0)
+    task = _bar_with_secret_beside()
+    d = create_defense("select-salient-z", input_shape=(1, 16, 16), num_classes=4, patch=4, stride=2, selector_epochs=30,
+                       secret_fraction=0.1, secret_classes=4, secret_epochs=60, task_selection=False, fill="inpaint")
+    monkeypatch.setattr(d, "reference", lambda *a: pytest.fail("task_selection=False must not build a reference"))
+    batches = [tuple(b) for b in known_secrets(task.train, 0.1, 0).loader(32, shuffle=True, seed=1, with_secondary=True)]
+    maps = torch.cat(d.keep_maps(create_model("cnn", (1, 16, 16), 4), batches))
+    x = torch.cat([b[0] for b in batches])
+    bar = torch.zeros_like(x, dtype=torch.bool)
+    bar[:, :, :, 1:9] = x[:, :, :, 1:9] > 0.5
+    secret = torch.zeros_like(x, dtype=torch.bool)
+    secret[:, :, :, 10:14] = x[:, :, :, 10:14] > 0.5
+    # the secret sits in the bar's band (its row says z relative to the bar), so the secret model reads part of
+    # the bar too; the background, which a keep map from y would close, stays open
+    assert float(maps[secret].mean()) < 0.15, "the secret's ink must close"
+    assert float(maps[bar].mean()) > 5 * float(maps[secret].mean()), "the content must stay far more open than the secret"
+    assert float(maps[x < 0.5].mean()) > 0.8, "what nobody reads must stay as it is"
+    with pytest.raises(ValueError, match="task_selection"):
+        create_defense("select-salient-z", input_shape=(1, 16, 16), num_classes=4, task_selection="no")
 
 
 def test_known_secret_defense_declares_and_validates_its_secrets():

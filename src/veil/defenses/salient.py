@@ -267,6 +267,10 @@ class SalientSelectionSecret(SalientSelection):
         secret_classes: Number of the secret's classes.
         secret_epochs: Passes of the secret model's training over the known records.
         secret_close: A pixel whose secret saliency is at least this share of its record's highest is closed.
+        task_selection: False: start from the whole record instead of the y-reference's keep maps and close
+            only what the secret model reads (``keep``, ``saliency_from`` and ``reference_epochs`` are then unused: no reference is trained or loaded). For a secret
+            drawn over the content, with ``fill=inpaint`` and a small ``patch``: the strokes are replaced by
+            the content around them and everything else is sent as it is.
     """
 
     name: ClassVar[str] = "select-salient-z"
@@ -274,7 +278,9 @@ class SalientSelectionSecret(SalientSelection):
     uses_secret: ClassVar[bool] = True
 
     def __init__(self, *, input_shape: tuple[int, ...], num_classes: int, secret_fraction: float = 0.1, secret_classes: int = 10,
-                 secret_epochs: int = 60, secret_close: float = 0.1, **options: Any) -> None:
+                 secret_epochs: int = 60, secret_close: float = 0.1, task_selection: bool = True, **options: Any) -> None:
+        if not isinstance(task_selection, bool):
+            raise ValueError(f"task_selection must be true or false, got {task_selection!r}")
         super().__init__(input_shape=input_shape, num_classes=num_classes, **options)
         if isinstance(secret_classes, bool) or not (isinstance(secret_classes, int) and 2 <= secret_classes <= 100_000):
             raise ValueError(f"secret_classes must be an integer >= 2, got {secret_classes!r}")
@@ -282,7 +288,7 @@ class SalientSelectionSecret(SalientSelection):
             raise ValueError(f"secret_epochs must be an integer in [1, 1000], got {secret_epochs!r}")
         self.secret_fraction = number_option("secret_fraction", secret_fraction, 0, 1, lo_open=True)
         self.options.update(secret_fraction=self.secret_fraction, secret_classes=int(secret_classes), secret_epochs=int(secret_epochs),
-                            secret_close=number_option("secret_close", secret_close, 0, 1, lo_open=True))
+                            secret_close=number_option("secret_close", secret_close, 0, 1, lo_open=True), task_selection=task_selection)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None, *, secret: torch.Tensor | None = None) -> torch.Tensor:
         """As :meth:`SalientSelection.encode`; a known ``secret`` (B,) (-1 where unknown) is validated and
@@ -305,7 +311,7 @@ class SalientSelectionSecret(SalientSelection):
         if len(z) < 2:
             raise ValueError(f"{self.name} was handed {len(z)} known secret(s), too few to learn from: raise secret_fraction (now {o['secret_fraction']})")
         secret_model = train_secret_model(x, z, o["secret_classes"], o["secret_epochs"])
-        maps = super().keep_maps(model, batches)
+        maps = super().keep_maps(model, batches) if o["task_selection"] else [torch.ones_like(b[0][:, :1]) for b in batches]
         out = []
         for b, k in zip(batches, maps):
             s = occlusion_saliency(secret_model, b[0], o["patch"], o["stride"])
