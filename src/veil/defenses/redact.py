@@ -41,7 +41,7 @@ def redact(x: torch.Tensor, region: torch.Tensor, fill: str) -> torch.Tensor:
 
     ``zero``: the region becomes 0; ``noise``: standard Gaussian noise (fresh each call, from torch's
     generator, which the deployment path fills from the OS); ``blur``: a box blur of side ``BLUR_SIDE``;
-    ``inpaint``: each closed pixel becomes the mean of the open pixels around it (``inpaint``), so that
+    ``inpaint``: each closed pixel becomes the mean of the open pixels around it (:func:`inpaint`), so that
     what is drawn over the content is replaced by the content around it and the fill carries nothing of the
     closed pixels themselves.
     """

@@ -268,9 +268,10 @@ class SalientSelectionSecret(SalientSelection):
         secret_epochs: Passes of the secret model's training over the known records.
         secret_close: A pixel whose secret saliency is at least this share of its record's highest is closed.
         task_selection: False: start from the whole record instead of the y-reference's keep maps and close
-            only what the secret model reads (``keep``, ``saliency_from`` and ``reference_epochs`` are then unused: no reference is trained or loaded). For a secret
-            drawn over the content, with ``fill=inpaint`` and a small ``patch``: the strokes are replaced by
-            the content around them and everything else is sent as it is.
+            only what the secret model reads (``keep``, ``saliency_from`` and ``reference_epochs`` are then
+            unused: no reference is trained or loaded). For a secret drawn over the content, with
+            ``fill=inpaint`` and a small ``patch``: the strokes are replaced by the content around them and
+            everything else is sent as it is.
     """
 
     name: ClassVar[str] = "select-salient-z"
