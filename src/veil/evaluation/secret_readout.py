@@ -72,7 +72,8 @@ def train_secret_reader(
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     tr, va, _ = attacker_splits(task, config.train_size, config.val_size, config.seed)
-    folder, key = (Path(cache_dir), reader_key(tr.x, tr.z, va.x, va.z, task.num_secondary, config, architectures)) if cache_dir is not None else (None, "")
+    folder = Path(cache_dir) if cache_dir is not None else None
+    key = reader_key(tr.x, tr.z, va.x, va.z, task.num_secondary, config, architectures) if folder is not None else ""
     if folder is not None and (cached := _load_reader(folder, key, tr.x, va.x, va.z, task.num_secondary, config, log)) is not None:
         return cached
     log(f"[secret-readout] training secret classifiers {list(architectures)} on {len(tr)} clean records")
