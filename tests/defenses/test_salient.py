@@ -32,6 +32,33 @@ def test_occlusion_credits_only_what_the_model_reads():
     assert float(s[:, :, :, :4].mean()) > 0.0
 
 
+def test_occlusion_skipping_empty_windows_changes_nothing():
+    """Windows already all zero are not passed again; the maps equal those of occluding every window."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    model(torch.rand(8, 1, 10, 10))  # running statistics that are not the defaults
+    model.eval()
+    x = torch.zeros(6, 1, 10, 10)
+    x[:3, :, 1:5, 2:6] = torch.rand(3, 1, 4, 4)  # ink in one corner of half the records, the rest empty
+    x[3:5, :, 6:9, 6:9] = torch.rand(2, 1, 3, 3)
+    patch, stride = 3, 2
+    full = torch.zeros_like(x)
+    count = torch.zeros(1, 1, 10, 10)
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(x), 1)
+        for r in sorted(set(range(0, 8, stride)) | {7}):
+            for c in sorted(set(range(0, 8, stride)) | {7}):
+                xo = x.clone()
+                xo[..., r : r + patch, c : c + patch] = 0
+                kl = (log_p.exp() * (log_p - torch.log_softmax(model(xo), 1))).sum(1).clamp(min=0)
+                full[..., r : r + patch, c : c + patch] += kl.view(-1, 1, 1, 1)
+                count[..., r : r + patch, c : c + patch] += 1
+    s = occlusion_saliency(model, x, patch=patch, stride=stride)
+    torch.testing.assert_close(s, full / count, atol=1e-6, rtol=1e-5)
+    assert float(s[3:5].max()) > 0 and float(s[5].abs().max()) == 0.0  # the blank record scores nothing
+
+
 def test_occlusion_refuses_bad_windows():
     with pytest.raises(ValueError, match="patch"):
         occlusion_saliency(_LeftReader(), torch.rand(2, 1, 8, 8), patch=9, stride=1)
