@@ -160,3 +160,20 @@ def test_training_imports_nothing_above_it():
     upward = re.compile(r"^\s*(from|import)\s+veil\.(evaluation|federated|workflows|serving|detection)\b", re.M)
     offenders = {p.name: upward.findall(p.read_text()) for p in root.glob("*.py") if upward.search(p.read_text())}
     assert offenders == {}
+
+
+def test_the_log_says_when_a_defense_sets_up_and_how_long_it_took(digits):
+    torch.set_num_threads(1)
+
+    def lines(defense: str) -> list[str]:
+        cfg = TrainConfig(task="digits-lt5", defense=defense, epochs=2, batch_size=64)
+        _, d, model = build(cfg, digits)
+        out: list[str] = []
+        fit(d, model, digits, cfg, log=out.append)
+        return [s for s in out if "setup" in s]
+
+    said = lines("sample-and-hold")  # its setup derives the hold windows from the data, once per stage
+    assert len(said) == 4
+    for begin, done in zip(said[::2], said[1::2]):
+        assert begin.endswith(f"setup on {len(digits.train.y)} training records") and "setup done (" in done
+    assert lines("gaussian") == []  # nothing to set up: no line

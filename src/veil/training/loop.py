@@ -16,6 +16,7 @@ import functools
 import itertools
 import math
 import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -438,8 +439,14 @@ def fit(
             masks = defense.uses_mask and data.train.mask is not None  # a region defense learns its selector from them
             secrets = defense.uses_secret  # batches (x, y, z or -1, [mask]): the same known records as in training
             setup_split = known_secrets(data.train, defense.secret_fraction, config.seed) if secrets else data.train
+            derives = type(defense).setup is not Defense.setup  # say so where setup does work (it can take minutes)
+            if derives:
+                log(f"[{name}] stage {stage.name}: setup on {len(setup_split.y)} training records")
+            began = time.perf_counter()
             defense.setup(model, OnDevice(setup_split.loader(config.batch_size, shuffle=True, seed=config.seed + 1000 * si, with_secondary=secrets,
                                                              with_mask=masks), device))
+            if derives:
+                log(f"[{name}] stage {stage.name}: setup done ({time.perf_counter() - began:.1f}s)")
         params = list(model.parameters()) if engine else _trainable(defense, model, stage)
         if not params:
             raise ValueError(f"stage {stage.name!r} of defense {name!r} has nothing to train")
