@@ -180,6 +180,22 @@ def test_run_saved_before_a_config_field_existed_is_still_recognised(tmp_path):
     assert any("already finished" in s for s in lines)
 
 
+def test_finished_run_without_its_weights_is_trained_again(tmp_path):
+    """Results kept without their weights (a clone of a repository that does not commit them) are retrained,
+    not reported finished and then unloadable."""
+    first = train_run(CFG, tmp_path / "run", log=quiet)
+    (tmp_path / "run" / "obfuscator.safetensors").unlink()
+    lines = []
+    again = train_run(CFG, tmp_path / "run", log=lines.append)
+    assert any("without its weights (obfuscator.safetensors)" in s for s in lines)
+    assert not any("already finished" in s for s in lines)
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]  # same seed: trained again
+    load_run(tmp_path / "run")  # the weights are back
+    lines.clear()
+    train_run(CFG, tmp_path / "run", log=lines.append)
+    assert any("already finished" in s for s in lines)
+
+
 def test_checkpoint_is_one_file_and_a_kill_between_epochs_loses_nothing(tmp_path):
     """The whole resume state (weights, optimizer, progress, random state) is one atomically written file:
     there is no moment at which the weights are of one epoch and the progress of another."""

@@ -172,7 +172,8 @@ def train_run(
     it is no part of the config, so a run may resume on another device than it started on (the files are
     written from CPU copies and read onto the CPU first). The one used is recorded in the metrics.
 
-    Returns the metrics (also written to ``out/metrics.json``). A finished run is not retrained.
+    Returns the metrics (also written to ``out/metrics.json``). A finished run is not retrained, unless its
+    weights (:data:`WEIGHT_FILES`) are gone: then it is trained again from the start.
     """
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out = Path(out)
@@ -186,6 +187,11 @@ def train_run(
     done = out / "metrics.json"
     if done.is_file() and (out / "config.json").is_file() and config_matches(config, read_json(out / "config.json")):
         check_data_unchanged(config.task, data, read_json(done).get("data_sha256"), out)  # before "already finished"
+        missing = [name for name in WEIGHT_FILES if not (out / name).is_file()]
+        if missing:  # results kept without their weights (weights are not committed, say): train it again
+            log(f"{out}: finished run without its weights ({', '.join(missing)}); training it again (it had primary "
+                f"accuracy {read_json(done).get('primary_acc')}; an evaluation made from the earlier weights describes those)")
+            done.unlink()
     finished = open_run_folder(out, config, "metrics.json", log=log)
     if finished is not None:
         return finished
@@ -257,6 +263,8 @@ def check_finite_weights(defense: Defense, model: nn.Module) -> None:
         raise FloatingPointError(f"training diverged: the weights hold NaN or infinite values ({', '.join(bad[:3])}); lower --lr or the knob")
 
 
+#: What a finished run keeps for reloading (:func:`load_run`): without them the run is trained again.
+WEIGHT_FILES = ("obfuscator.safetensors", "model.safetensors")
 #: The one checkpoint file of a run folder: weights, optimizer state, progress and random state together,
 #: written atomically, so a kill at any moment leaves either the previous epoch's set or the new one.
 CHECKPOINT = "checkpoint.safetensors"
