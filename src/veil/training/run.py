@@ -186,11 +186,12 @@ def train_run(
     fresh, created = not (out / "config.json").exists(), not out.exists()
     done = out / "metrics.json"
     if done.is_file() and (out / "config.json").is_file() and config_matches(config, read_json(out / "config.json")):
-        check_data_unchanged(config.task, data, read_json(done).get("data_sha256"), out)  # before "already finished"
+        previous = read_json(done)
+        check_data_unchanged(config.task, data, previous.get("data_sha256"), out)  # before "already finished"
         missing = [name for name in WEIGHT_FILES if not (out / name).is_file()]
         if missing:  # results kept without their weights (weights are not committed, say): train it again
             log(f"{out}: finished run without its weights ({', '.join(missing)}); training it again (it had primary "
-                f"accuracy {read_json(done).get('primary_acc')}; an evaluation made from the earlier weights describes those)")
+                f"accuracy {previous.get('primary_acc')}; an evaluation made from the earlier weights describes those)")
             done.unlink()
     finished = open_run_folder(out, config, "metrics.json", log=log)
     if finished is not None:
